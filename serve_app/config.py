@@ -1,0 +1,83 @@
+"""One validated configuration object, built once from the environment at start-up and passed down."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+_PREFIX = "SAM3_"
+
+
+class Config(BaseModel):
+    """Every knob of the service. Defaults work on a laptop with no GPU."""
+
+    model: str = Field("tiny-random", description="`tiny-random`, a Hugging Face model id, or a local directory.")
+    device: str = Field("auto", description="`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto` picks bfloat16 on CUDA and float32 on CPU."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # Image limits
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest encoded image accepted.")
+    max_image_pixels: int = Field(40_000_000, ge=4, description="Largest decoded image (width × height).")
+    min_image_side: int = Field(2, ge=1, description="Smallest accepted width or height.")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body.")
+
+    # URL fetching
+    fetch_timeout_s: float = Field(10.0, gt=0)
+    fetch_max_redirects: int = Field(3, ge=0)
+    url_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hosts, IPs or CIDRs that may be fetched even though they are private/loopback.",
+    )
+
+    # Segmentation defaults and caps
+    max_prompts: int = Field(16, ge=1)
+    max_instances: int = Field(100, ge=1, description="Upper bound on instances returned per prompt.")
+    max_points: int = Field(64, ge=1)
+    max_boxes: int = Field(64, ge=1)
+
+    # Serve graph
+    encoder_max_batch_size: int = Field(8, ge=1)
+    encoder_batch_wait_timeout_s: float = Field(0.01, ge=0)
+    encoder_num_gpus: float = Field(0.0, ge=0, description="GPU fraction per encoder replica (0 on CPU).")
+    decoder_num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica (0 keeps Ray from waiting on CPUs).")
+    encoder_replicas: int = Field(1, ge=1)
+    decoder_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    autoscale: bool = Field(False, description="Use Ray Serve autoscaling instead of fixed replica counts.")
+    autoscale_max_replicas: int = Field(4, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait on the graph.")
+
+    # Auth
+    api_keys: list[str] = Field(default_factory=list, description="Accepted API keys; empty disables auth.")
+
+    @field_validator("url_allowlist", "api_keys", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Config:
+        """Read every `SAM3_<FIELD>` variable; explicit overrides win. Raises ValueError with a readable message."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            raw = env.get(_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{_PREFIX}{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+            )
+            raise ValueError(f"invalid configuration: {problems}") from None
