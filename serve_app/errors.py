@@ -94,3 +94,9 @@ class GatewayTimeout(Sam3Error):
 
 class ModelLoadError(RuntimeError):
     """Start-up failure: the configured model cannot be loaded. Not an HTTP error."""
+
+
+class UrlNotAllowed(BadRequest):
+    """A URL points at a private, loopback or otherwise internal address that is not allow-listed."""
+
+    code = "url_not_allowed"

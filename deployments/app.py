@@ -1,0 +1,40 @@
+"""`build_app(config)`: binds Ingress -> ImageEncoder -> Decoder, with replica and GPU-fraction options."""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from deployments.decoder import Decoder
+from deployments.encoder import ImageEncoder
+from deployments.ingress import Ingress
+from serve_app.config import Config
+
+
+def _scaling(config: Config, replicas: int) -> dict:
+    if config.autoscale:
+        return {"autoscaling_config": {"min_replicas": 1, "max_replicas": config.autoscale_max_replicas,
+                                       "target_ongoing_requests": 4}}
+    return {"num_replicas": replicas}
+
+
+def build_app(config: Config) -> Application:
+    encoder = ImageEncoder.options(
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.encoder_num_gpus},
+        max_ongoing_requests=max(16, 2 * config.encoder_max_batch_size),
+        **_scaling(config, config.encoder_replicas),
+    ).bind(config)
+    decoder = Decoder.options(
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.decoder_num_gpus},
+        max_ongoing_requests=8,
+        **_scaling(config, config.decoder_replicas),
+    ).bind(config)
+    return Ingress.options(
+        ray_actor_options={"num_cpus": config.num_cpus},
+        max_ongoing_requests=256,
+        **_scaling(config, config.ingress_replicas),
+    ).bind(encoder, decoder, config)
+
+
+def app_builder(args: dict) -> Application:
+    """Entry for `serve run cluster/serve_config.yaml`: `args` override SAM3_* environment variables."""
+    return build_app(Config.from_env(**(args or {})))

@@ -1,0 +1,32 @@
+"""Decoder deployment: necks, text encoder (cached), DETR / mask decoders and post-processing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from ray import serve
+
+from serve_app.config import Config
+from serve_app.engine import ImageEngine
+from serve_app.models import load_bundle
+from serve_app.types import Prompt, SegmentParams, SegmentResult
+
+
+@serve.deployment(name="Decoder")
+class Decoder:
+    def __init__(self, config: Config) -> None:
+        self.engine = ImageEngine(load_bundle(config))
+        self.requests = 0
+
+    async def decode(
+        self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
+    ) -> SegmentResult:
+        self.requests += 1
+        return await asyncio.to_thread(self.engine.decode, embedding, prompts, params, size)
+
+    def get_stats(self) -> dict:
+        return {"requests": self.requests, "text_cache_entries": len(self.engine._text_cache)}
+
+    def ready(self) -> bool:
+        return True

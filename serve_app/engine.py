@@ -1,0 +1,216 @@
+"""The image engine: batched preprocessing and backbone (`encode`), concept and visual decoding (`decode`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from serve_app import postprocess as pp
+from serve_app.models import ModelBundle
+from serve_app.types import ConceptPrompt, Prompt, PromptResult, SegmentParams, SegmentResult, VisualPrompt
+
+PIXEL_MEAN = 0.5  # Sam3ImageProcessor normalises with IMAGENET_STANDARD mean/std
+PIXEL_STD = 0.5
+PAD_LABEL = -10  # transformers' marker for padded boxes/points
+
+
+class ImageEngine:
+    """Plain class wrapping a `ModelBundle`; the Ray deployments and the benchmarks both use it."""
+
+    def __init__(self, bundle: ModelBundle, text_cache_size: int = 1024) -> None:
+        self.bundle = bundle
+        self.device, self.dtype = bundle.device, bundle.dtype
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._text_cache_size = text_cache_size
+        self._lock = threading.Lock()
+
+    # ---- encoder side -------------------------------------------------------------------------------
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """uint8 (H, W, 3) images of any sizes -> normalised (B, 3, S, S) on the device, resized there."""
+        side = self.bundle.image_size
+        batch = []
+        for image in images:
+            tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
+            tensor = tensor.permute(2, 0, 1)[None].float()
+            tensor = F.interpolate(tensor, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+            batch.append(tensor)
+        pixels = torch.cat(batch) / 255.0
+        return ((pixels - PIXEL_MEAN) / PIXEL_STD).to(self.dtype)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision backbone (ViT) alone: (B, 3, S, S) -> (B, tokens, hidden)."""
+        return self.bundle.backbone(pixel_values).last_hidden_state
+
+    def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """One backbone pass over a batch; one CPU embedding (tokens, hidden) per image."""
+        hidden = self.encode_pixels(self.preprocess(images))
+        return [h.to("cpu", copy=True) for h in hidden]
+
+    # ---- decoder side -------------------------------------------------------------------------------
+
+    def _spatial(self, embedding: torch.Tensor) -> torch.Tensor:
+        grid = self.bundle.image_size // self.bundle.patch_size
+        hidden = embedding.to(self.device, self.dtype)
+        return hidden.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+
+    def detector_vision(self, embedding: torch.Tensor, batch: int) -> SimpleNamespace:
+        """What `Sam3Model(vision_embeds=...)` reads: the detector neck's FPN levels, repeated per prompt."""
+        fpn, pos = self.bundle.detector.vision_encoder.neck(self._spatial(embedding))
+        return SimpleNamespace(
+            fpn_hidden_states=tuple(f.expand(batch, -1, -1, -1) for f in fpn),
+            fpn_position_encoding=tuple(p.expand(batch, -1, -1, -1) for p in pos),
+            hidden_states=None,
+            attentions=None,
+        )
+
+    def tracker_embeddings(self, embedding: torch.Tensor) -> list[torch.Tensor]:
+        """What `Sam3TrackerModel(image_embeddings=...)` reads, built as its `get_image_features` builds it."""
+        tracker = self.bundle.tracker
+        fpn, _ = tracker.vision_encoder.neck(self._spatial(embedding))
+        maps = list(fpn)
+        maps[0] = tracker.mask_decoder.conv_s0(maps[0])
+        maps[1] = tracker.mask_decoder.conv_s1(maps[1])
+        maps = [m.flatten(2).permute(2, 0, 1) for m in maps]
+        maps[-1] = maps[-1] + tracker.no_memory_embedding
+        return [m.permute(1, 2, 0).view(1, -1, *size) for m, size in zip(maps, tracker.backbone_feature_sizes)]
+
+    def text_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected text features (B, 32, D) and masks (B, 32), cached per phrase."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            ids, mask = self.bundle.tokenizer(missing)
+            feats = self.bundle.detector.get_text_features(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).pooler_output
+            with self._lock:
+                for i, text in enumerate(missing):
+                    self._text_cache[text] = (feats[i], mask[i].to(self.device))
+                    while len(self._text_cache) > self._text_cache_size:
+                        self._text_cache.popitem(last=False)
+        with self._lock:
+            pairs = [self._text_cache[t] for t in texts]
+            for t in texts:
+                self._text_cache.move_to_end(t)
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    @torch.inference_mode()
+    def decode(
+        self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
+    ) -> SegmentResult:
+        """All prompts of one image against its embedding; masks come back as RLE at the original size."""
+        start = time.perf_counter()
+        results: list[PromptResult | None] = [None] * len(prompts)
+        concept = [(i, p) for i, p in enumerate(prompts) if isinstance(p, ConceptPrompt)]
+        for group in _group_by_box_count(concept):
+            for index, result in zip([i for i, _ in group], self._decode_concepts(embedding, group, params, size)):
+                results[index] = result
+        visual = [(i, p) for i, p in enumerate(prompts) if isinstance(p, VisualPrompt)]
+        if visual:
+            features = self.tracker_embeddings(embedding)
+            for i, prompt in visual:
+                results[i] = self._decode_visual(features, i, prompt, params, size)
+        if params.cross_prompt_nms_iou is not None and concept:
+            kept = pp.cross_prompt_nms([results[i].instances for i, _ in concept], params.cross_prompt_nms_iou)
+            for (i, _), instances in zip(concept, kept):
+                results[i].instances = instances
+        elapsed = (time.perf_counter() - start) * 1000
+        return SegmentResult(size[0], size[1], results, {"decode_ms": elapsed})
+
+    def _decode_concepts(
+        self, embedding: torch.Tensor, group: list[tuple[int, ConceptPrompt]], params: SegmentParams,
+        size: tuple[int, int],
+    ) -> list[PromptResult]:
+        prompts = [p for _, p in group]
+        text_embeds, text_mask = self.text_features([p.text or "visual" for p in prompts])
+        boxes, labels = self._exemplar_tensors(prompts, size)
+        outputs = self.bundle.detector(
+            vision_embeds=self.detector_vision(embedding, len(prompts)),
+            text_embeds=SimpleNamespace(pooler_output=text_embeds),
+            attention_mask=text_mask,
+            input_boxes=boxes,
+            input_boxes_labels=labels,
+        )
+        scores = pp.concept_scores(outputs.pred_logits, outputs.presence_logits)
+        results = []
+        for row, (index, prompt) in enumerate(group):
+            threshold = params.threshold if prompt.threshold is None else prompt.threshold
+            keep, pixel_boxes = pp.select_concept_instances(
+                scores[row], outputs.pred_boxes[row], threshold, params.nms_iou, params.max_instances, size
+            )
+            masks = pp.upsample_probabilities(outputs.pred_masks[row][keep], size, params.mask_threshold)
+            results.append(PromptResult(index, prompt, pp.build_instances(masks, pixel_boxes, scores[row][keep])))
+        return results
+
+    def _exemplar_tensors(
+        self, prompts: list[ConceptPrompt], size: tuple[int, int]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Exemplar boxes as the model wants them: normalised (cx, cy, w, h), labels 1/0 (all prompts same count)."""
+        count = len(prompts[0].boxes)
+        if count == 0:
+            return None, None
+        height, width = size
+        xyxy = torch.tensor([p.boxes for p in prompts], dtype=torch.float32)
+        xyxy = xyxy / torch.tensor([width, height, width, height], dtype=torch.float32)
+        cxcywh = torch.stack(
+            [(xyxy[..., 0] + xyxy[..., 2]) / 2, (xyxy[..., 1] + xyxy[..., 3]) / 2,
+             xyxy[..., 2] - xyxy[..., 0], xyxy[..., 3] - xyxy[..., 1]], dim=-1,
+        )
+        labels = torch.tensor([[int(bool(v)) for v in p.box_labels] for p in prompts], dtype=torch.long)
+        return cxcywh.to(self.device, self.dtype), labels.to(self.device)
+
+    def visual_inputs(self, prompt: VisualPrompt, size: tuple[int, int]) -> dict:
+        """Points/boxes scaled to the model's square input, as Sam3TrackerProcessor scales them."""
+        height, width = size
+        side = self.bundle.image_size
+        sx, sy = side / width, side / height
+        inputs: dict = {}
+        if prompt.points:
+            pts = torch.tensor([[x * sx, y * sy] for x, y in prompt.points], dtype=torch.float32)
+            inputs["input_points"] = pts[None, None].to(self.device, self.dtype)
+            inputs["input_labels"] = torch.tensor(prompt.point_labels, dtype=torch.long)[None, None].to(self.device)
+        if prompt.box is not None:
+            x0, y0, x1, y1 = prompt.box
+            box = torch.tensor([[[x0 * sx, y0 * sy, x1 * sx, y1 * sy]]], dtype=torch.float32)
+            inputs["input_boxes"] = box.to(self.device, self.dtype)
+        if prompt.mask_logits is not None:
+            logits = torch.as_tensor(np.asarray(prompt.mask_logits, dtype=np.float32))
+            inputs["input_masks"] = logits.reshape(1, 1, *logits.shape[-2:]).to(self.device, self.dtype)
+        return inputs
+
+    def _decode_visual(
+        self, features: list[torch.Tensor], index: int, prompt: VisualPrompt, params: SegmentParams,
+        size: tuple[int, int],
+    ) -> PromptResult:
+        out = self.bundle.tracker(
+            image_embeddings=features, multimask_output=prompt.multimask, **self.visual_inputs(prompt, size)
+        )
+        logits, iou = out.pred_masks[0, 0], out.iou_scores[0, 0].float()
+        order = torch.argsort(iou, descending=True, stable=True)
+        logits, iou = logits[order], iou[order]
+        masks = pp.upsample_logits(logits, size)
+        instances = pp.build_instances(masks, pp.mask_boxes(masks), iou)
+        low_res = logits.float().cpu().numpy() if params.return_logits else None
+        return PromptResult(index, prompt, instances, low_res)
+
+    # ---- both -------------------------------------------------------------------------------------
+
+    def segment(self, image: np.ndarray, prompts: list[Prompt], params: SegmentParams) -> SegmentResult:
+        """The whole pipeline in-process (benchmark baseline and unit tests)."""
+        embedding = self.encode([image])[0]
+        return self.decode(embedding, prompts, params, (image.shape[0], image.shape[1]))
+
+
+def _group_by_box_count(items: list[tuple[int, ConceptPrompt]]) -> list[list[tuple[int, ConceptPrompt]]]:
+    """Prompts batch together only with prompts of the same exemplar count, so no padding changes a result."""
+    groups: dict[int, list[tuple[int, ConceptPrompt]]] = {}
+    for item in items:
+        groups.setdefault(len(item[1].boxes), []).append(item)
+    return list(groups.values())

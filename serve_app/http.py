@@ -1,0 +1,85 @@
+"""HTTP plumbing shared by every route: one error mapping, registered once, rendered in each provider's shape."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.errors import BadRequest, NotFound, PayloadTooLarge, Sam3Error, ValidationFailed
+from serve_app.protocols import native
+
+logger = logging.getLogger(__name__)
+
+# path prefix -> renderer of (error) -> (body, headers); providers register theirs; native is the fallback
+ErrorRenderer = Callable[[Sam3Error], dict]
+_RENDERERS: list[tuple[str, ErrorRenderer]] = []
+
+
+def register_error_shape(prefix: str, renderer: ErrorRenderer) -> None:
+    _RENDERERS.append((prefix, renderer))
+    _RENDERERS.sort(key=lambda item: -len(item[0]))
+
+
+def error_response(path: str, exc: Sam3Error) -> JSONResponse:
+    renderer = next((r for prefix, r in _RENDERERS if path.startswith(prefix)), native.error_body)
+    return JSONResponse(status_code=exc.status_code, content=renderer(exc))
+
+
+def _describe(errors: list[dict]) -> tuple[str, list[dict]]:
+    details = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        details.append({"field": loc or "body", "message": err.get("msg", "invalid")})
+    text = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+    return text, details
+
+
+def validation_error(exc: RequestValidationError) -> Sam3Error:
+    errors = list(exc.errors())
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return BadRequest("request body is not valid JSON")
+    text, details = _describe(errors)
+    return ValidationFailed(f"invalid request: {text}", details=details)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Sam3Error)
+    async def _sam3(request: Request, exc: Sam3Error) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.error("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request.url.path, validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err: Sam3Error
+        if exc.status_code == 404:
+            err = NotFound(f"no route {request.method} {request.url.path}")
+        else:
+            err = Sam3Error(str(exc.detail))
+            err.status_code = exc.status_code
+            err.code = "http_error"
+        return error_response(request.url.path, err)
+
+
+def install_body_limit(app: FastAPI, limit: Callable[[], int]) -> None:
+    """Refuse bodies over `limit()` bytes by their Content-Length, before reading them."""
+
+    @app.middleware("http")
+    async def _limit(request: Request, call_next):
+        max_bytes = limit()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            return error_response(
+                request.url.path,
+                PayloadTooLarge(f"request body is {int(length)} bytes; the limit is {max_bytes} (SAM3_MAX_REQUEST_BYTES)"),
+            )
+        return await call_next(request)

@@ -1,0 +1,47 @@
+"""`make serve`: start Ray, start Serve's HTTP proxy on SAM3_HOST:SAM3_PORT, run the graph, wait."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from serve_app.config import Config
+from serve_app.errors import ModelLoadError
+
+logger = logging.getLogger("sam3_serve")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = Config.from_env()
+        from serve_app.models import probe_model  # before Ray starts: a bad SAM3_MODEL is one clear line
+
+        probe_model(config.model)
+    except (ValueError, ModelLoadError) as exc:
+        print(f"sam3-serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
+    serve.run(build_app(config), name="sam3", route_prefix="/")
+    logger.info("sam3-serve ready on http://%s:%d (model %s); API docs at /docs", config.host, config.port, config.model)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

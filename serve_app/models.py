@@ -1,0 +1,276 @@
+"""Model loading: `tiny-random`, a local `save_pretrained` directory or a hub id, into one `ModelBundle`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serve_app.config import Config
+from serve_app.errors import ModelLoadError
+from serve_app.roi_align import install_roi_align_fallback
+
+logger = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+TINY_SEED = 0
+TINY_INIT_RANGE = 0.3  # at the default 0.02, tiny mask logits are ~1e-3 and every pixel sits on the threshold
+TINY_PRESENCE_BIAS = 3.0
+TEXT_LENGTH = 32  # SAM3's processor pads every prompt to 32 tokens
+HASH_TOKENIZER_FILE = "sam3_serve_tokenizer.json"
+
+
+def tiny_video_config():
+    """The real SAM3 classes at a toy size: 112 px images, 32-wide layers. Masks mean nothing."""
+    from transformers import Sam3VideoConfig
+
+    img, patch = 112, 14
+    grid = img // patch
+    vit = dict(
+        model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, image_size=img, patch_size=patch, window_size=4, global_attn_indexes=[1],
+        pretrain_image_size=img,
+    )
+    vision = dict(
+        model_type="sam3_vision_model", backbone_config=vit, fpn_hidden_size=32,
+        backbone_feature_sizes=[[grid * 4, grid * 4], [grid * 2, grid * 2], [grid, grid]],
+    )
+    text = dict(
+        model_type="clip_text_model", vocab_size=1000, hidden_size=32, intermediate_size=64, projection_dim=32,
+        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=TEXT_LENGTH,
+        bos_token_id=998, eos_token_id=999, pad_token_id=999,
+    )
+    small = dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64)
+    detector = dict(
+        vision_config=vision, text_config=text, geometry_encoder_config=small, detr_encoder_config=small,
+        detr_decoder_config=dict(small, num_queries=16), mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
+    )
+    tracker = dict(
+        image_size=img, vision_config=vision,
+        prompt_encoder_config=dict(hidden_size=32, image_size=img, patch_size=patch),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+        memory_attention_hidden_size=32, memory_attention_num_layers=1, memory_attention_feed_forward_hidden_size=64,
+        memory_encoder_hidden_size=32, memory_encoder_output_channels=16, mask_downsampler_embed_dim=32,
+        memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=64, memory_attention_rope_feat_sizes=[grid, grid],
+    )
+    config = Sam3VideoConfig(detector_config=detector, tracker_config=tracker, low_res_mask_size=grid * 4)
+    for sub in _all_configs(config):
+        if hasattr(sub, "initializer_range"):
+            sub.initializer_range = TINY_INIT_RANGE
+    return config
+
+
+def _all_configs(config) -> list:
+    """A config and every nested sub-config."""
+    found = [config]
+    for value in vars(config).values():
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            found.extend(_all_configs(value))
+    return found
+
+
+def build_tiny_random():
+    """`tiny-random`: fixed seed, wide enough init that mask logits are far from 0 and scores spread over (0, 1)."""
+    from transformers import Sam3VideoModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = Sam3VideoModel(tiny_video_config())
+    with torch.no_grad():  # random presence logits sit near 0 (p=0.5) and would cap every score at 0.5
+        model.detector_model.detr_decoder.presence_head.layer3.bias.fill_(TINY_PRESENCE_BIAS)
+    return model.eval()
+
+
+class HashTokenizer:
+    """A vocabulary-free tokenizer for `tiny-random`: each word hashes to a stable id, so prompts differ."""
+
+    def __init__(self, vocab_size: int = 1000, max_length: int = TEXT_LENGTH) -> None:
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.bos_id, self.eos_id = vocab_size - 2, vocab_size - 1
+
+    def ids(self, text: str) -> list[int]:
+        words = re.findall(r"[a-z0-9]+", text.lower())
+        body = [1 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in words][: self.max_length - 2]
+        return [self.bos_id, *body, self.eos_id]
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = torch.full((len(texts), self.max_length), self.eos_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), self.max_length), dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self.ids(text)
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        return input_ids, mask
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        payload = {"type": "hash", "vocab_size": self.vocab_size, "max_length": self.max_length}
+        Path(directory, HASH_TOKENIZER_FILE).write_text(json.dumps(payload))
+
+
+class HFTokenizer:
+    """The checkpoint's own tokenizer (CLIP BPE for facebook/sam3), padded the way Sam3Processor pads."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(
+            texts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+
+@dataclass
+class ModelBundle:
+    """Everything the engine needs, sharing one copy of the vision backbone."""
+
+    name: str
+    video: torch.nn.Module  # Sam3VideoModel
+    detector: torch.nn.Module  # Sam3Model (the video model's own detector)
+    tracker: torch.nn.Module  # Sam3TrackerModel assembled from the video model's parts
+    tokenizer: HashTokenizer | HFTokenizer
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def image_size(self) -> int:
+        return int(self.detector.config.vision_config.backbone_config.image_size)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.detector.config.vision_config.backbone_config.patch_size)
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.detector.vision_encoder.backbone
+
+
+def resolve_device(config: Config) -> tuple[torch.device, torch.dtype]:
+    """`auto` is cuda with bfloat16 when a GPU is visible, else cpu with float32."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"SAM3_DEVICE={config.device} but no CUDA device is visible; use SAM3_DEVICE=cpu")
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, config.dtype)
+    return device, dtype
+
+
+def assemble_image_tracker(video: torch.nn.Module) -> torch.nn.Module:
+    """A `Sam3TrackerModel` whose backbone is the detector's and whose neck and heads are the video tracker's."""
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+
+    tracker_cfg = video.config.tracker_config
+    cfg = Sam3TrackerConfig(
+        vision_config=video.config.detector_config.vision_config.to_dict(),
+        prompt_encoder_config=tracker_cfg.prompt_encoder_config.to_dict(),
+        mask_decoder_config=tracker_cfg.mask_decoder_config.to_dict(),
+    )
+    with torch.device("meta"):  # no memory for a second backbone: it is replaced below
+        tracker = Sam3TrackerModel(cfg)
+    wanted = {k for k in tracker.state_dict() if not k.startswith("vision_encoder.")}
+    source = video.tracker_model.state_dict()
+    missing = wanted - set(source)
+    if missing:
+        raise ModelLoadError(f"tracker weights missing from the checkpoint: {sorted(missing)[:5]}")
+    tracker.load_state_dict({k: source[k] for k in wanted}, strict=False, assign=True)
+    tracker.vision_encoder.backbone = video.detector_model.vision_encoder.backbone
+    tracker.vision_encoder.neck = video.tracker_neck
+    return tracker.eval()
+
+
+_HOW_TO_FIX = (
+    "Set SAM3_MODEL to a directory written by save_pretrained, a hub id like facebook/sam3 (gated: accept its "
+    "licence and set HF_TOKEN), or tiny-random."
+)
+
+
+def _resolve_source(name: str) -> str:
+    """A local directory (checked) or a hub id; raises ModelLoadError for paths that do not exist."""
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir() or not (local / "config.json").is_file():
+            raise ModelLoadError(f"SAM3_MODEL={name!r} is not a model directory (no config.json). {_HOW_TO_FIX}")
+        return str(local)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"SAM3_MODEL={name!r}: directory does not exist. {_HOW_TO_FIX}")
+    return name
+
+
+def _load_error(name: str, exc: Exception) -> ModelLoadError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ModelLoadError(f"could not load SAM3 model {name!r}: {type(exc).__name__}: {first}. {_HOW_TO_FIX}")
+
+
+def probe_model(name: str) -> None:
+    """Cheap start-up check (config only): the model exists, is reachable and is a sam3_video checkpoint."""
+    if name == TINY_RANDOM:
+        return
+    from transformers import AutoConfig
+
+    source = _resolve_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one start-up message
+        raise _load_error(name, exc) from exc
+    if config.model_type != "sam3_video":
+        raise ModelLoadError(f"SAM3_MODEL={name!r} is a {config.model_type} checkpoint; a sam3_video one is needed")
+
+
+def _load_video_model(name: str, dtype: torch.dtype):
+    from transformers import Sam3VideoModel
+
+    if name == TINY_RANDOM:
+        return build_tiny_random().to(dtype)
+    probe_model(name)
+    try:
+        return Sam3VideoModel.from_pretrained(_resolve_source(name), dtype=dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(name, exc) from exc
+
+
+def _load_tokenizer(name: str, vocab_size: int):
+    if name == TINY_RANDOM:
+        return HashTokenizer(vocab_size)
+    local = Path(name).expanduser()
+    marker = local / HASH_TOKENIZER_FILE
+    if marker.is_file():
+        spec = json.loads(marker.read_text())
+        return HashTokenizer(int(spec["vocab_size"]), int(spec.get("max_length", TEXT_LENGTH)))
+    from transformers import AutoTokenizer
+
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(local) if local.exists() else name))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not load the tokenizer of SAM3 model {name!r}: {exc}") from exc
+
+
+def load_bundle(config: Config) -> ModelBundle:
+    """Load the configured model once, on the configured device, in eval mode."""
+    install_roi_align_fallback()
+    device, dtype = resolve_device(config)
+    video = _load_video_model(config.model, dtype).eval()
+    tokenizer = _load_tokenizer(config.model, video.config.detector_config.text_config.vocab_size)
+    tracker = assemble_image_tracker(video)
+    video.to(device)
+    tracker.to(device)
+    logger.info("loaded SAM3 model %s on %s (%s)", config.model, device, dtype)
+    return ModelBundle(config.model, video, video.detector_model, tracker, tokenizer, device, dtype)
+
+
+def save_bundle(bundle: ModelBundle, directory: str | os.PathLike) -> None:
+    """Write the model and its tokenizer in `save_pretrained` layout, loadable with SAM3_MODEL=<directory>."""
+    bundle.video.save_pretrained(directory)
+    tok = bundle.tokenizer
+    (tok.tokenizer if isinstance(tok, HFTokenizer) else tok).save_pretrained(directory)

@@ -1,0 +1,211 @@
+"""The native `/v1` API: its pydantic request/response models and their translation to and from the internal types."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Annotated, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve_app import codecs
+from serve_app.config import Config
+from serve_app.errors import InvalidPrompt, Sam3Error
+from serve_app.geometry import validate_box_xyxy, validate_point
+from serve_app.types import ConceptPrompt, Prompt, SegmentParams, SegmentRequest, SegmentResult, VisualPrompt
+
+MAX_TEXT_CHARS = 256
+MAX_LOGITS_SIDE = 1024  # SAM3 low-res logits are 288 x 288
+Number = Annotated[float, Field(allow_inf_nan=False)]
+BoxXYXY = Annotated[list[Number], Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in pixels")]
+PointXY = Annotated[list[Number], Field(min_length=2, max_length=2, description="[x, y] in pixels")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConceptPromptIn(_Strict):
+    """Find every instance of a concept: a noun phrase, exemplar boxes, or both."""
+
+    type: Literal["concept"] = Field(description="Concept segmentation (SAM3 detector).")
+    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS, description="A short noun phrase.")
+    boxes: list[BoxXYXY] = Field(default_factory=list, description="Exemplar boxes, xyxy pixels.")
+    box_labels: list[bool] | None = Field(
+        None, description="One per box: true = positive exemplar, false = negative. Defaults to all positive."
+    )
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Overrides the request threshold.")
+
+
+class VisualPromptIn(_Strict):
+    """Segment one object from clicks and/or a box (SAM-style interactive segmentation)."""
+
+    type: Literal["visual"] = Field(description="Visual segmentation (SAM3 tracker).")
+    points: list[PointXY] = Field(default_factory=list, description="Clicks, [x, y] pixels.")
+    point_labels: list[Literal[0, 1]] | None = Field(
+        None, description="One per point: 1 = on the object, 0 = background. Defaults to all 1."
+    )
+    box: BoxXYXY | None = Field(None, description="One box around the object, xyxy pixels.")
+    multimask: bool = Field(False, description="Return 3 candidate masks, best first.")
+    mask_logits: str | None = Field(
+        None, description="Low-res logits from an earlier answer's `low_res_logits` (base64 .npy), to refine."
+    )
+
+
+PromptIn = Annotated[Union[ConceptPromptIn, VisualPromptIn], Field(discriminator="type")]
+
+
+class SegmentRequestIn(_Strict):
+    """`POST /v1/image/segment`."""
+
+    image: str = Field(description="The image: base64, a data URI, or an http(s) URL.", min_length=1)
+    image_id: str | None = Field(
+        None, max_length=256, description="Optional client key for the embedding cache; same id = same image."
+    )
+    prompts: list[PromptIn] = Field(min_length=1, description="What to segment; each prompt is answered separately.")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Minimum concept score (detection × presence).")
+    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Probability above which a pixel is in a mask.")
+    nms_iou: float | None = Field(0.5, ge=0.0, le=1.0, description="Per-prompt box NMS IoU; null disables.")
+    cross_prompt_nms_iou: float | None = Field(
+        None, ge=0.0, le=1.0, description="NMS across prompts (drop duplicates of different phrases); null disables."
+    )
+    max_instances: int = Field(100, ge=1, description="Most instances returned per prompt.")
+    output: Literal["rle", "polygon", "png"] = Field("rle", description="Mask encoding in the response.")
+    polygon_epsilon: float | None = Field(
+        None, ge=0.0, le=100.0, description="With output=polygon: Douglas-Peucker tolerance in pixels."
+    )
+    return_logits: bool = Field(False, description="Visual prompts: include low-res logits for refinement.")
+
+    @field_validator("image")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+
+class InstanceOut(BaseModel):
+    score: float = Field(description="Concept: detection × presence. Visual: predicted IoU.")
+    box: list[float] = Field(description="[x0, y0, x1, y1] in pixels of the original image.")
+    area: int = Field(description="Mask area in pixels.")
+    mask: dict | list | str = Field(
+        description="rle: COCO RLE {size: [h, w], counts}; polygon: list of {exterior, holes}; png: base64 PNG."
+    )
+
+
+class PromptResultOut(BaseModel):
+    prompt_index: int
+    type: Literal["concept", "visual"]
+    instances: list[InstanceOut]
+    low_res_logits: str | None = Field(None, description="base64 .npy float32 (K, h, w); pass back to refine.")
+
+
+class SegmentResponseOut(BaseModel):
+    width: int
+    height: int
+    image_id: str = Field(description="The embedding-cache key of this image; send it again to skip the encoder.")
+    output: str
+    prompts: list[PromptResultOut]
+    timings_ms: dict[str, float]
+
+
+def encode_logits(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_logits(value: str) -> np.ndarray:
+    """base64 .npy -> (h, w) float32; refuses pickles, wrong shapes and non-finite values."""
+    try:
+        array = np.load(io.BytesIO(base64.b64decode(value, validate=True)), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's
+        raise InvalidPrompt(f"mask_logits is not a base64 .npy array: {exc}") from None
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 3:
+        array = array[0]
+    if array.ndim != 2 or max(array.shape) > MAX_LOGITS_SIDE or min(array.shape) < 1 or not np.isfinite(array).all():
+        raise InvalidPrompt(f"mask_logits must be a finite (h, w) array as returned in low_res_logits, got {array.shape}")
+    return array
+
+
+def to_prompt(item: ConceptPromptIn | VisualPromptIn, size: tuple[int, int], config: Config) -> Prompt:
+    """Validate one wire prompt against the image and the limits; build the internal prompt."""
+    height, width = size
+    if isinstance(item, ConceptPromptIn):
+        if item.text is None and not item.boxes:
+            raise InvalidPrompt("a concept prompt needs `text`, `boxes`, or both")
+        if item.text is not None and not item.text.strip():
+            raise InvalidPrompt("`text` is blank")
+        if len(item.boxes) > config.max_boxes:
+            raise InvalidPrompt(f"{len(item.boxes)} boxes in one prompt; the limit is {config.max_boxes}")
+        labels = item.box_labels if item.box_labels is not None else [True] * len(item.boxes)
+        if len(labels) != len(item.boxes):
+            raise InvalidPrompt(f"{len(item.boxes)} boxes but {len(labels)} box_labels: give one label per box")
+        boxes = tuple(validate_box_xyxy(b, width, height) for b in item.boxes)
+        return ConceptPrompt(item.text, boxes, tuple(labels), item.threshold)
+    if not item.points and item.box is None:
+        raise InvalidPrompt("a visual prompt needs `points`, a `box`, or both")
+    if len(item.points) > config.max_points:
+        raise InvalidPrompt(f"{len(item.points)} points in one prompt; the limit is {config.max_points}")
+    labels = item.point_labels if item.point_labels is not None else [1] * len(item.points)
+    if len(labels) != len(item.points):
+        raise InvalidPrompt(f"{len(item.points)} points but {len(labels)} point_labels: give one label per point")
+    points = tuple(validate_point(x, y, width, height) for x, y in item.points)
+    box = validate_box_xyxy(item.box, width, height) if item.box is not None else None
+    logits = decode_logits(item.mask_logits) if item.mask_logits else None
+    return VisualPrompt(points, tuple(labels), box, item.multimask, logits)
+
+
+def to_internal(body: SegmentRequestIn, image: np.ndarray, cache_key: str, config: Config) -> SegmentRequest:
+    if len(body.prompts) > config.max_prompts:
+        raise InvalidPrompt(f"{len(body.prompts)} prompts; the limit is {config.max_prompts} (SAM3_MAX_PROMPTS)")
+    size = (int(image.shape[0]), int(image.shape[1]))
+    prompts = [to_prompt(p, size, config) for p in body.prompts]
+    params = SegmentParams(
+        threshold=body.threshold,
+        mask_threshold=body.mask_threshold,
+        nms_iou=body.nms_iou,
+        cross_prompt_nms_iou=body.cross_prompt_nms_iou,
+        max_instances=min(body.max_instances, config.max_instances),
+        return_logits=body.return_logits,
+    )
+    return SegmentRequest(image=image, prompts=prompts, params=params, cache_key=cache_key)
+
+
+def render_mask(rle: dict, output: str, epsilon: float | None) -> dict | list | str:
+    if output == "rle":
+        return rle
+    mask = codecs.rle_decode(rle)
+    if output == "png":
+        return codecs.mask_to_png_base64(mask)
+    return codecs.mask_to_polygons_with_holes(mask, simplify_epsilon=epsilon)
+
+
+def render(result: SegmentResult, body: SegmentRequestIn, cache_key: str) -> SegmentResponseOut:
+    prompts = [
+        PromptResultOut(
+            prompt_index=r.prompt_index,
+            type=r.prompt.kind,
+            instances=[
+                InstanceOut(
+                    score=i.score, box=list(i.box), area=i.area,
+                    mask=render_mask(i.rle, body.output, body.polygon_epsilon),
+                )
+                for i in r.instances
+            ],
+            low_res_logits=encode_logits(r.low_res_logits) if r.low_res_logits is not None else None,
+        )
+        for r in result.prompts
+    ]
+    return SegmentResponseOut(
+        width=result.width, height=result.height, image_id=cache_key, output=body.output, prompts=prompts,
+        timings_ms=result.timings_ms,
+    )
+
+
+def error_body(exc: Sam3Error) -> dict:
+    """The native error shape: {"error": {"code", "message", "details"?}}."""
+    error: dict = {"code": exc.code, "message": exc.message}
+    if exc.details is not None:
+        error["details"] = exc.details
+    return {"error": error}

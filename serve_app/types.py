@@ -1,0 +1,92 @@
+"""The one internal request and result type every provider adapter translates to and from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import numpy as np
+
+Box = tuple[float, float, float, float]  # xyxy, pixels of the original image
+Point = tuple[float, float]  # x, y, pixels of the original image
+
+
+@dataclass(frozen=True)
+class ConceptPrompt:
+    """Find every instance of a concept: a phrase, exemplar boxes (label True = positive), or both."""
+
+    text: str | None = None
+    boxes: tuple[Box, ...] = ()
+    box_labels: tuple[bool, ...] = ()
+    threshold: float | None = None  # overrides the request threshold for this prompt
+
+    kind: Literal["concept"] = "concept"
+
+
+@dataclass(frozen=True)
+class VisualPrompt:
+    """Segment one object from clicks (label 1 = positive, 0 = negative) and/or one box."""
+
+    points: tuple[Point, ...] = ()
+    point_labels: tuple[int, ...] = ()
+    box: Box | None = None
+    multimask: bool = False
+    mask_logits: np.ndarray | None = field(default=None, compare=False)  # low-res logits from an earlier answer
+
+    kind: Literal["visual"] = "visual"
+
+
+Prompt = Union[ConceptPrompt, VisualPrompt]
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """Thresholds and caps applied after the model."""
+
+    threshold: float = 0.5  # concept: minimum detection × presence score
+    mask_threshold: float = 0.5  # concept: probability cut for mask pixels
+    nms_iou: float | None = 0.5  # per-prompt NMS on boxes; None disables
+    cross_prompt_nms_iou: float | None = None  # NMS across prompts; None disables
+    max_instances: int = 100
+    return_logits: bool = False  # visual: return the low-res logits for refinement
+
+
+@dataclass
+class SegmentRequest:
+    """A decoded image and what to find in it."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    prompts: list[Prompt]
+    params: SegmentParams = field(default_factory=SegmentParams)
+    cache_key: str | None = None  # client image_id or digest of the encoded bytes
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the original image."""
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+
+@dataclass
+class Instance:
+    """One segmented object: a COCO RLE mask at the original size, an xyxy box in pixels, a score."""
+
+    rle: dict  # {"size": [H, W], "counts": str}
+    box: Box
+    score: float
+    area: int = 0
+
+
+@dataclass
+class PromptResult:
+    prompt_index: int
+    prompt: Prompt
+    instances: list[Instance]
+    low_res_logits: np.ndarray | None = None  # visual prompts, best mask first, when requested
+
+
+@dataclass
+class SegmentResult:
+    height: int
+    width: int
+    prompts: list[PromptResult]
+    timings_ms: dict[str, float] = field(default_factory=dict)
