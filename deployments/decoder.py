@@ -16,7 +16,7 @@ from serve_app.types import Prompt, SegmentParams, SegmentResult
 @serve.deployment(name="Decoder")
 class Decoder:
     def __init__(self, config: Config) -> None:
-        self.engine = ImageEngine(load_bundle(config))
+        self.engine = ImageEngine(load_bundle(config), prompt_batch=config.decoder_prompt_batch)
         self.requests = 0
 
     async def decode(

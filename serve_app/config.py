@@ -46,6 +46,11 @@ class Config(BaseModel):
     encoder_batch_wait_timeout_s: float = Field(0.01, ge=0)
     encoder_num_gpus: float = Field(0.0, ge=0, description="GPU fraction per encoder replica (0 on CPU).")
     decoder_num_gpus: float = Field(0.0, ge=0)
+    decoder_prompt_batch: int = Field(
+        1, ge=1, le=64,
+        description="Concept prompts per DETR forward. 1 is bitwise equal to transformers called per prompt; "
+        "larger batches are faster on GPU but round differently (a few boundary pixels may flip).",
+    )
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica (0 keeps Ray from waiting on CPUs).")
     encoder_replicas: int = Field(1, ge=1)
     decoder_replicas: int = Field(1, ge=1)

@@ -25,6 +25,12 @@ def register_error_shape(prefix: str, renderer: ErrorRenderer) -> None:
     _RENDERERS.sort(key=lambda item: -len(item[0]))
 
 
+def route_path(request: Request) -> str:
+    """The path inside the app (Serve mounts apps under a route prefix, passed as root_path)."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def error_response(path: str, exc: Sam3Error) -> JSONResponse:
     renderer = next((r for prefix, r in _RENDERERS if path.startswith(prefix)), native.error_body)
     return JSONResponse(status_code=exc.status_code, content=renderer(exc))
@@ -52,22 +58,25 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _sam3(request: Request, exc: Sam3Error) -> JSONResponse:
         if exc.status_code >= 500:
             logger.error("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
-        return error_response(request.url.path, exc)
+        return error_response(route_path(request), exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(request.url.path, validation_error(exc))
+        return error_response(route_path(request), validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err: Sam3Error
         if exc.status_code == 404:
             err = NotFound(f"no route {request.method} {request.url.path}")
+        elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer when json.loads fails with other than JSONDecodeError (bad UTF-8, deep nesting...)
+            err = BadRequest("request body could not be parsed as JSON (not UTF-8, too deeply nested, or a huge number)")
         else:
             err = Sam3Error(str(exc.detail))
             err.status_code = exc.status_code
             err.code = "http_error"
-        return error_response(request.url.path, err)
+        return error_response(route_path(request), err)
 
 
 def install_body_limit(app: FastAPI, limit: Callable[[], int]) -> None:
@@ -79,7 +88,7 @@ def install_body_limit(app: FastAPI, limit: Callable[[], int]) -> None:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             return error_response(
-                request.url.path,
+                route_path(request),
                 PayloadTooLarge(f"request body is {int(length)} bytes; the limit is {max_bytes} (SAM3_MAX_REQUEST_BYTES)"),
             )
         return await call_next(request)

@@ -35,7 +35,7 @@ class ConceptPromptIn(_Strict):
     box_labels: list[bool] | None = Field(
         None, description="One per box: true = positive exemplar, false = negative. Defaults to all positive."
     )
-    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Overrides the request threshold.")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="Overrides the request threshold.")
 
 
 class VisualPromptIn(_Strict):
@@ -64,9 +64,9 @@ class SegmentRequestIn(_Strict):
         None, max_length=256, description="Optional client key for the embedding cache; same id = same image."
     )
     prompts: list[PromptIn] = Field(min_length=1, description="What to segment; each prompt is answered separately.")
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Minimum concept score (detection × presence).")
-    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Probability above which a pixel is in a mask.")
-    nms_iou: float | None = Field(0.5, ge=0.0, le=1.0, description="Per-prompt box NMS IoU; null disables.")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="Minimum concept score (detection × presence).")
+    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="Probability above which a pixel is in a mask.")
+    nms_iou: float | None = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="Per-prompt box NMS IoU; null disables.")
     cross_prompt_nms_iou: float | None = Field(
         None, ge=0.0, le=1.0, description="NMS across prompts (drop duplicates of different phrases); null disables."
     )
@@ -120,6 +120,9 @@ def decode_logits(value: str) -> np.ndarray:
         array = np.load(io.BytesIO(base64.b64decode(value, validate=True)), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's
         raise InvalidPrompt(f"mask_logits is not a base64 .npy array: {exc}") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        kind = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise InvalidPrompt(f"mask_logits must be a real-valued .npy array as returned in low_res_logits, got {kind}")
     array = np.asarray(array, dtype=np.float32)
     if array.ndim == 3:
         array = array[0]

@@ -1,0 +1,71 @@
+"""A real Ray Serve instance for the integration tests: one cluster, one HTTP proxy, apps per configuration."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from serve_app.config import Config
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_instance():
+    """Ray (2 CPUs, deployments ask for 0) and Serve's proxy on a free loopback port; yields the base URL."""
+    import ray
+    from ray import serve
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(name: str, config: Config, base_url: str) -> str:
+    """Run `build_app(config)` as its own application under /<name>; returns its URL."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    return f"{base_url}/{name}"
+
+
+@pytest.fixture(scope="session")
+def app_url(serve_instance) -> str:
+    """The default graph on tiny-random, with a batch window wide enough for concurrent requests to meet."""
+    config = Config(encoder_max_batch_size=16, encoder_batch_wait_timeout_s=0.2, url_allowlist=[])
+    return deploy("main", config, serve_instance)
+
+
+def png_b64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def random_image(seed: int, height: int = 96, width: int = 128) -> np.ndarray:
+    """A test image: smooth shapes over noise, so different seeds give different embeddings."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    for _ in range(3):
+        y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        image[y0 : y0 + height // 3, x0 : x0 + width // 3] = rng.integers(80, 255, 3, dtype=np.uint8)
+    return image
+
+
+def segment(url: str, body: dict, timeout: float = 120) -> requests.Response:
+    return requests.post(f"{url}/v1/image/segment", json=body, timeout=timeout)

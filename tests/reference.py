@@ -1,0 +1,82 @@
+"""Reference results: transformers' SAM3 models called directly, with transformers' own post-processing."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from serve_app.codecs import rle_decode
+from serve_app.geometry import normalized_cxcywh_from_xyxy
+from serve_app.models import ModelBundle
+
+
+def _hf_instance_postprocess(outputs, threshold: float, size: tuple[int, int]) -> list[dict]:
+    """Sam3ImageProcessor.post_process_instance_segmentation, transcribed (its module imports torchvision)."""
+    scores = outputs.pred_logits.sigmoid()
+    if outputs.presence_logits is not None:
+        scores = scores * outputs.presence_logits.sigmoid()
+    masks_all = outputs.pred_masks.sigmoid()
+    height, width = size
+    boxes_all = outputs.pred_boxes * torch.tensor([width, height, width, height], dtype=torch.float32)
+    results = []
+    for score, boxes, masks in zip(scores, boxes_all, masks_all):
+        keep = score > threshold
+        score, boxes, masks = score[keep], boxes[keep], masks[keep]
+        if len(masks) > 0:
+            masks = F.interpolate(masks.unsqueeze(0), size=size, mode="bilinear", align_corners=False).squeeze(0)
+        results.append({"scores": score, "boxes": boxes, "masks": (masks > 0.5).to(torch.long)})
+    return results
+
+
+@torch.inference_mode()
+def concept_reference(
+    bundle: ModelBundle, pixel_values: torch.Tensor, text: str | None, boxes: list, labels: list,
+    size: tuple[int, int], threshold: float,
+) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """(score, xyxy box, mask) per instance, best score first, from one direct Sam3Model call."""
+    ids, mask = bundle.tokenizer([text or "visual"])
+    kwargs = {}
+    if boxes:
+        height, width = size
+        kwargs["input_boxes"] = torch.tensor(normalized_cxcywh_from_xyxy(boxes, width, height), dtype=torch.float32)[None]
+        kwargs["input_boxes_labels"] = torch.tensor([[int(v) for v in labels]], dtype=torch.long)
+    outputs = bundle.detector(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, **kwargs)
+    result = _hf_instance_postprocess(outputs, threshold, size)[0]
+    order = torch.argsort(result["scores"], descending=True, stable=True)
+    return [
+        (float(result["scores"][i]), result["boxes"][i].numpy(), result["masks"][i].numpy().astype(bool))
+        for i in order
+    ]
+
+
+@torch.inference_mode()
+def visual_reference(
+    bundle: ModelBundle, pixel_values: torch.Tensor, points: list, labels: list, box: list | None,
+    size: tuple[int, int], multimask: bool,
+) -> list[tuple[float, np.ndarray]]:
+    """(iou score, mask) per candidate, best first, from one direct Sam3TrackerModel call."""
+    height, width = size
+    side = bundle.image_size
+    kwargs = {}
+    if points:
+        pts = torch.tensor([[x * side / width, y * side / height] for x, y in points], dtype=torch.float32)
+        kwargs["input_points"] = pts[None, None]
+        kwargs["input_labels"] = torch.tensor(labels, dtype=torch.long)[None, None]
+    if box is not None:
+        x0, y0, x1, y1 = box
+        kwargs["input_boxes"] = torch.tensor(
+            [[[x0 * side / width, y0 * side / height, x1 * side / width, y1 * side / height]]]
+        )
+    out = bundle.tracker(pixel_values=pixel_values, multimask_output=multimask, **kwargs)
+    # as Sam3TrackerProcessor.post_process_masks: bilinear on logits to the original size, > 0
+    masks = F.interpolate(out.pred_masks[0], size, mode="bilinear", align_corners=False)[0] > 0
+    scores = out.iou_scores[0, 0]
+    order = torch.argsort(scores, descending=True, stable=True)
+    return [(float(scores[i]), masks[i].numpy()) for i in order]
+
+
+def served_instances(prompt_result: dict) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    return [
+        (inst["score"], np.asarray(inst["box"]), rle_decode(inst["mask"])) for inst in prompt_result["instances"]
+    ]
