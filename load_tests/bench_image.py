@@ -141,10 +141,10 @@ def run_in_process(args: argparse.Namespace) -> tuple[Phase, dict]:
         engine.segment(image, [prompt], params)
         return (time.perf_counter() - start) * 1000
 
-    for seed in range(WARMUP):
-        one(make_image(10_000_000 + seed, args.height, args.width), internal_prompt(wire(seed)))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # made before the clock starts
         images = list(pool.map(lambda i: make_image(i, args.height, args.width), range(args.requests)))
+    for seed in range(WARMUP):
+        one(make_image(10_000_000 + seed, args.height, args.width), internal_prompt(wire(seed)))
     phase = Phase("in-process", 1, args.requests)
     start = time.perf_counter()
     for i, image in enumerate(images):

@@ -235,9 +235,22 @@ def _load_video_model(name: str, dtype: torch.dtype):
         return build_tiny_random().to(dtype)
     probe_model(name)
     try:
-        return Sam3VideoModel.from_pretrained(_resolve_source(name), dtype=dtype)
+        model = Sam3VideoModel.from_pretrained(_resolve_source(name), dtype=dtype)
     except Exception as exc:  # noqa: BLE001
         raise _load_error(name, exc) from exc
+    return _own_storage(model)
+
+
+def _own_storage(model: torch.nn.Module) -> torch.nn.Module:
+    """Copy weights out of the safetensors mmap into fresh, aligned storage.
+
+    Tensors loaded from the file start at 8-byte offsets; CPU kernels then take another SIMD path and
+    round differently (~1e-7), so the same weights would not give bitwise-equal results.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    return model
 
 
 def _load_tokenizer(name: str, vocab_size: int):
