@@ -1,0 +1,38 @@
+"""Config: read from SAM3_* variables, validated with messages that name the variable, all documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve_app.config import Config
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_defaults_work_without_environment():
+    config = Config.from_env({})
+    assert (config.model, config.host, config.port, config.api_keys) == ("tiny-random", "127.0.0.1", 8000, [])
+
+
+def test_reads_and_converts_variables():
+    config = Config.from_env({"SAM3_PORT": "9000", "SAM3_API_KEYS": "a, b,", "SAM3_ENCODER_NUM_GPUS": "0.25"})
+    assert (config.port, config.api_keys, config.encoder_num_gpus) == (9000, ["a", "b"], 0.25)
+
+
+def test_overrides_win_over_environment():
+    assert Config.from_env({"SAM3_PORT": "9000"}, port=9100).port == 9100
+
+
+@pytest.mark.parametrize(
+    "name,value", [("SAM3_PORT", "x"), ("SAM3_PORT", "70000"), ("SAM3_DTYPE", "int8"), ("SAM3_ENCODER_MAX_BATCH_SIZE", "0")]
+)
+def test_invalid_values_name_the_variable(name, value):
+    with pytest.raises(ValueError, match=name):
+        Config.from_env({name: value})
+
+
+@pytest.mark.parametrize("field", list(Config.model_fields))
+def test_every_knob_is_in_the_readme(field):
+    assert f"SAM3_{field.upper()}" in README
