@@ -40,5 +40,11 @@ class ImageEncoder:
     def get_stats(self) -> dict:
         return self.stats.snapshot()
 
+    def info(self) -> dict:
+        bundle = self.engine.bundle
+        tokens = (bundle.image_size // bundle.patch_size) ** 2
+        hidden = bundle.detector.config.vision_config.backbone_config.hidden_size
+        return {"embedding_bytes": tokens * hidden * bundle.dtype.itemsize, "image_size": bundle.image_size}
+
     def ready(self) -> bool:
         return True

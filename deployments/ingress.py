@@ -1,24 +1,23 @@
-"""Ingress deployment: the FastAPI app under @serve.ingress; parses every front door into one internal request."""
+"""Ingress deployment: the FastAPI app under @serve.ingress; provider routers translate into one internal request."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import Config
 from serve_app.errors import GatewayTimeout, Sam3Error, ServiceUnavailable, TooManyRequests
 from serve_app.http import install_body_limit, install_error_handlers
-from serve_app.protocols import native
-from serve_app.service import ImageInputs, timed_segment
-from serve_app.types import SegmentRequest, SegmentResult
+from serve_app.protocols import hf_space, native, oxen, roboflow, segmind
+from serve_app.service import EmbeddingLost, SegmentService, set_service
+from serve_app.types import Prompt, SegmentParams, SegmentResult
 
 logger = logging.getLogger(__name__)
 
@@ -29,39 +28,57 @@ app = FastAPI(title="sam3-serve", version="0.1.0", description=DESCRIPTION)
 install_error_handlers(app)
 _limits = {"max_request_bytes": Config.model_fields["max_request_bytes"].default}
 install_body_limit(app, lambda: _limits["max_request_bytes"])
+for _provider in (native, oxen, segmind, roboflow, hf_space):
+    app.include_router(_provider.router)
 
 
-class RayGraph:
-    """Encoder then decoder through deployment handles; the embedding goes replica to replica."""
-
-    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, timeout_s: float) -> None:
-        self.encoder, self.decoder, self.timeout_s = encoder, decoder, timeout_s
-
-    async def segment(self, request: SegmentRequest) -> SegmentResult:
-        embedding = self.encoder.encode.remote(request.image)
-        response = self.decoder.decode.remote(embedding, request.prompts, request.params, request.size)
-        return await _await(response, self.timeout_s, (embedding, response))
-
-
-async def _await(response, timeout_s: float, cancel: tuple = ()):
+async def _await(awaitable, timeout_s: float, on_timeout=()):
     """Await a handle call with a deadline; turn Ray failures into errors a client can act on."""
 
     async def wait():
-        return await response
+        return await awaitable
 
     try:
         return await asyncio.wait_for(wait(), timeout_s)
     except asyncio.TimeoutError:
-        for pending in cancel:
+        for pending in on_timeout:
             pending.cancel()
         raise GatewayTimeout(f"the model did not answer within {timeout_s:g} s (SAM3_REQUEST_TIMEOUT_S)") from None
     except Sam3Error:
         raise
+    except (ObjectLostError, OwnerDiedError) as exc:
+        raise EmbeddingLost(str(exc)) from None
     except BackPressureError:
         raise TooManyRequests("the model is at capacity; retry shortly") from None
     except (RayActorError, RequestCancelledError) as exc:
         logger.warning("a replica failed while serving a request: %s", exc)
         raise ServiceUnavailable("a model replica died while serving this request; retry") from None
+
+
+class RayGraph:
+    """Encoder then decoder through deployment handles; the embedding is an ObjectRef the decoder resolves."""
+
+    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, timeout_s: float) -> None:
+        self.encoder, self.decoder, self.timeout_s = encoder, decoder, timeout_s
+        self._embedding_bytes: int | None = None
+
+    async def encode(self, image) -> object:
+        response = self.encoder.encode.remote(image)
+        ref = await _await(response._to_object_ref(), self.timeout_s, (response,))
+        await _await(asyncio.wrap_future(ref.future()), self.timeout_s, (response,))  # surface encoder errors here
+        return ref
+
+    async def decode(
+        self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
+    ) -> SegmentResult:
+        response = self.decoder.decode.remote(embedding, prompts, params, size)
+        return await _await(response, self.timeout_s, (response,))
+
+    async def embedding_bytes(self) -> int:
+        if self._embedding_bytes is None:
+            info = await _await(self.encoder.info.remote(), self.timeout_s)
+            self._embedding_bytes = int(info["embedding_bytes"])
+        return self._embedding_bytes
 
 
 @serve.deployment(name="Ingress")
@@ -70,18 +87,11 @@ class Ingress:
     def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: Config) -> None:
         self.config = config
         self.encoder, self.decoder = encoder, decoder
-        self.graph = RayGraph(encoder, decoder, config.request_timeout_s)
-        self.inputs = ImageInputs(config)
+        self.service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s))
+        set_service(self.service)
         _limits["max_request_bytes"] = config.max_request_bytes
-
-    @app.post("/v1/image/segment", response_model=native.SegmentResponseOut, tags=["native"])
-    async def segment(self, body: native.SegmentRequestIn) -> native.SegmentResponseOut:
-        """Concept (text / exemplar boxes) and visual (points / box) segmentation of one image."""
-        started = time.perf_counter()
-        image, key = await self.inputs.load(body.image, body.image_id)
-        request = native.to_internal(body, image, key, self.config)
-        result = await timed_segment(self.graph, request, started)
-        return native.render(result, body, key)
+        if not self.service.auth.enabled:
+            logger.warning("auth is off: no SAM3_API_KEYS configured")
 
     @app.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict:
@@ -100,7 +110,7 @@ class Ingress:
 
     @app.get("/v1/stats", tags=["ops"])
     async def stats(self) -> dict:
-        """Encoder batching and decoder counters (one replica each; Ray metrics aggregate all replicas)."""
+        """Encoder batching, decoder counters and this ingress replica's caches (Ray metrics cover all replicas)."""
         encoder = await _await(self.encoder.get_stats.remote(), 10.0)
         decoder = await _await(self.decoder.get_stats.remote(), 10.0)
-        return {"model": self.config.model, "encoder": encoder, "decoder": decoder}
+        return {"model": self.config.model, "encoder": encoder, "decoder": decoder, **self.service.stats()}

@@ -41,6 +41,12 @@ class Config(BaseModel):
     max_points: int = Field(64, ge=1)
     max_boxes: int = Field(64, ge=1)
 
+    # Caches (per ingress replica)
+    embedding_cache_entries: int = Field(64, ge=0, description="Image embeddings kept for reuse (0 disables).")
+    embedding_cache_bytes: int = Field(2 * 1024**3, ge=0, description="Byte bound of the embedding cache.")
+    logits_cache_entries: int = Field(1024, ge=0, description="Images whose visual-prompt logits are kept.")
+    logits_cache_bytes: int = Field(512 * 1024**2, ge=0, description="Byte bound of the logits cache.")
+
     # Serve graph
     encoder_max_batch_size: int = Field(8, ge=1)
     encoder_batch_wait_timeout_s: float = Field(0.01, ge=0)

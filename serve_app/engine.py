@@ -13,11 +13,14 @@ import torch.nn.functional as F
 
 from serve_app import postprocess as pp
 from serve_app.models import ModelBundle
-from serve_app.types import ConceptPrompt, Prompt, PromptResult, SegmentParams, SegmentResult, VisualPrompt
+from serve_app.geometry import nms_torch
+from serve_app.types import AutoPrompt, ConceptPrompt, Prompt, PromptResult, SegmentParams, SegmentResult, VisualPrompt
 
 PIXEL_MEAN = 0.5  # Sam3ImageProcessor normalises with IMAGENET_STANDARD mean/std
 PIXEL_STD = 0.5
 PAD_LABEL = -10  # transformers' marker for padded boxes/points
+AUTO_POINT_BATCH = 64  # grid points per tracker forward in automatic mask generation
+STABILITY_OFFSET = 1.0  # as SAM's automatic mask generator: IoU of masks cut at logit -1 and +1
 
 
 class ImageEngine:
@@ -113,11 +116,12 @@ class ImageEngine:
         for group in _group_by_box_count(concept, self.prompt_batch):
             for index, result in zip([i for i, _ in group], self._decode_concepts(embedding, group, params, size)):
                 results[index] = result
-        visual = [(i, p) for i, p in enumerate(prompts) if isinstance(p, VisualPrompt)]
+        visual = [(i, p) for i, p in enumerate(prompts) if isinstance(p, (VisualPrompt, AutoPrompt))]
         if visual:
             features = self.tracker_embeddings(embedding)
             for i, prompt in visual:
-                results[i] = self._decode_visual(features, i, prompt, params, size)
+                decode = self._decode_auto if isinstance(prompt, AutoPrompt) else self._decode_visual
+                results[i] = decode(features, i, prompt, params, size)
         if params.cross_prompt_nms_iou is not None and concept:
             kept = pp.cross_prompt_nms([results[i].instances for i, _ in concept], params.cross_prompt_nms_iou)
             for (i, _), instances in zip(concept, kept):
@@ -201,12 +205,53 @@ class ImageEngine:
         low_res = logits.float().cpu().numpy() if params.return_logits else None
         return PromptResult(index, prompt, instances, low_res)
 
+    def _decode_auto(
+        self, features: list[torch.Tensor], index: int, prompt: AutoPrompt, params: SegmentParams,
+        size: tuple[int, int],
+    ) -> PromptResult:
+        """A grid of single positive clicks, 3 candidates each; keep confident, stable, non-duplicate masks."""
+        n, side = prompt.points_per_side, self.bundle.image_size
+        ticks = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        grid = torch.stack(torch.meshgrid(ticks, ticks, indexing="xy"), dim=-1).reshape(-1, 2) * side
+        logits_all, scores_all = [], []
+        for chunk in grid.split(AUTO_POINT_BATCH):
+            out = self.bundle.tracker(
+                image_embeddings=features,
+                input_points=chunk[None, :, None].to(self.device, self.dtype),
+                input_labels=torch.ones((1, len(chunk), 1), dtype=torch.long, device=self.device),
+                multimask_output=True,
+            )
+            logits_all.append(out.pred_masks[0].flatten(0, 1).float())
+            scores_all.append(out.iou_scores[0].flatten().float())
+        logits, scores = torch.cat(logits_all), torch.cat(scores_all)
+        keep = scores > prompt.pred_iou_thresh
+        if prompt.stability_score_thresh > 0:
+            keep &= stability_scores(logits) >= prompt.stability_score_thresh
+        logits, scores = logits[keep], scores[keep]
+        nonempty = (logits > 0).flatten(1).any(dim=1)
+        logits, scores = logits[nonempty], scores[nonempty]
+        if logits.shape[0] > 1:
+            order = nms_torch(pp.mask_boxes(logits > 0), scores, prompt.nms_iou)
+            logits, scores = logits[order], scores[order]
+        cap = min(params.max_instances, prompt.max_masks) if prompt.max_masks > 0 else params.max_instances
+        logits, scores = logits[:cap], scores[:cap]
+        masks = pp.upsample_logits(logits, size)
+        return PromptResult(index, prompt, pp.build_instances(masks, pp.mask_boxes(masks), scores))
+
     # ---- both -------------------------------------------------------------------------------------
 
     def segment(self, image: np.ndarray, prompts: list[Prompt], params: SegmentParams) -> SegmentResult:
         """The whole pipeline in-process (benchmark baseline and unit tests)."""
         embedding = self.encode([image])[0]
         return self.decode(embedding, prompts, params, (image.shape[0], image.shape[1]))
+
+
+def stability_scores(logits: torch.Tensor) -> torch.Tensor:
+    """IoU between each mask cut at -offset and at +offset: high when the mask edge is sharp."""
+    flat = logits.flatten(1)
+    inner = (flat > STABILITY_OFFSET).sum(dim=1).float()
+    outer = (flat > -STABILITY_OFFSET).sum(dim=1).float()
+    return torch.where(outer > 0, inner / outer.clamp(min=1), torch.zeros_like(outer))
 
 
 def _group_by_box_count(items: list[tuple[int, ConceptPrompt]], size: int) -> list[list[tuple[int, ConceptPrompt]]]:

@@ -1,4 +1,4 @@
-"""What the ingress does per request, free of Ray: load and validate the image, run the graph, time it."""
+"""What the ingress does per request, free of Ray: resolve the image (cache first), validate prompts, run the graph."""
 
 from __future__ import annotations
 
@@ -8,43 +8,124 @@ from typing import Protocol
 
 import numpy as np
 
+from serve_app.auth import Authenticator
+from serve_app.cache import CachedEmbedding, EmbeddingCache, LogitsCache
 from serve_app.config import Config
 from serve_app.engine import ImageEngine
+from serve_app.errors import Gone, InvalidImage, NotFound
 from serve_app.imageio import ImageLoader, image_digest
+from serve_app.prompts import validate_prompts
 from serve_app.security import UrlFetcher
-from serve_app.types import SegmentRequest, SegmentResult
+from serve_app.types import ImageInput, Prompt, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult
+
+
+class EmbeddingLost(Exception):
+    """The embedding a cache entry pointed at is gone (its replica or node died)."""
 
 
 class Graph(Protocol):
-    """Encoder then decoder; the Ray version passes the embedding between replicas without the ingress."""
+    """Encoder and decoder; in Serve the embedding is an ObjectRef that never passes through the ingress."""
 
-    async def segment(self, request: SegmentRequest) -> SegmentResult: ...
+    async def encode(self, image: np.ndarray) -> object: ...
+
+    async def decode(
+        self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
+    ) -> SegmentResult: ...
+
+    async def embedding_bytes(self) -> int: ...
 
 
 class LocalGraph:
-    """The same graph in-process (tests and the benchmark baseline)."""
+    """The same graph in-process (unit tests and the benchmark baseline)."""
 
     def __init__(self, engine: ImageEngine) -> None:
         self.engine = engine
 
-    async def segment(self, request: SegmentRequest) -> SegmentResult:
-        embedding = (await asyncio.to_thread(self.engine.encode, [request.image]))[0]
-        return await asyncio.to_thread(self.engine.decode, embedding, request.prompts, request.params, request.size)
+    async def encode(self, image: np.ndarray) -> object:
+        return (await asyncio.to_thread(self.engine.encode, [image]))[0]
+
+    async def decode(self, embedding, prompts, params, size) -> SegmentResult:
+        return await asyncio.to_thread(self.engine.decode, embedding, prompts, params, size)
+
+    async def embedding_bytes(self) -> int:
+        side = self.engine.bundle.image_size // self.engine.bundle.patch_size
+        hidden = self.engine.bundle.detector.config.vision_config.backbone_config.hidden_size
+        return side * side * hidden * self.engine.dtype.itemsize
 
 
-class ImageInputs:
-    """Turns a client's image field into (decoded RGB array, cache key)."""
+class SegmentService:
+    """One per ingress replica: image loading, the embedding and logits caches, auth, and the graph."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, graph: Graph) -> None:
+        self.config = config
+        self.graph = graph
         self.loader = ImageLoader.from_config(config, UrlFetcher.from_config(config))
+        self.auth = Authenticator(config.api_keys)
+        self.embeddings = EmbeddingCache(config.embedding_cache_entries, config.embedding_cache_bytes)
+        self.logits = LogitsCache(config.logits_cache_entries, config.logits_cache_bytes)
 
-    async def load(self, source: str, image_id: str | None = None) -> tuple[np.ndarray, str]:
+    async def load_pixels(self, source: str) -> tuple[np.ndarray, str]:
+        """Decode an image (for rendering overlays); returns pixels and the digest of the encoded bytes."""
         data = await self.loader.load_bytes(source)
-        image = await asyncio.to_thread(self.loader.decode, data)
-        return image, image_id or image_digest(data)
+        return await asyncio.to_thread(self.loader.decode, data), image_digest(data)
+
+    async def resolve(self, image: ImageInput, tenant: str, need_pixels: bool = False) -> ResolvedImage:
+        """The image's embedding: from the cache by image_id before anything is fetched or decoded, else encoded."""
+        if image.image_id is not None and not need_pixels:
+            hit = self.embeddings.get((tenant, image.image_id))
+            if hit is not None:
+                return ResolvedImage(image.image_id, hit.height, hit.width, hit.embedding, cache_hit=True)
+        if image.source is not None and not image.source.strip():
+            raise InvalidImage("image is empty")
+        if image.source is None:
+            if image.image_id is not None:
+                raise NotFound(f"no cached embedding for image_id {image.image_id!r}: send the image with it")
+            raise InvalidImage("no image given: send the image (base64, data URI or URL) or a cached image_id")
+        data = await self.loader.load_bytes(image.source)
+        key = image.image_id or image_digest(data)
+        hit = self.embeddings.get((tenant, key))
+        pixels = await asyncio.to_thread(self.loader.decode, data) if hit is None or need_pixels else None
+        if hit is not None:
+            return ResolvedImage(key, hit.height, hit.width, hit.embedding, pixels, cache_hit=True)
+        embedding = await self.graph.encode(pixels)
+        height, width = int(pixels.shape[0]), int(pixels.shape[1])
+        self.embeddings.put((tenant, key), CachedEmbedding(embedding, height, width), await self.graph.embedding_bytes())
+        return ResolvedImage(key, height, width, embedding, pixels)
+
+    async def segment(
+        self, request: SegmentRequest, tenant: str, need_pixels: bool = False
+    ) -> tuple[SegmentResult, ResolvedImage]:
+        started = time.perf_counter()
+        resolved = await self.resolve(request.image, tenant, need_pixels)
+        prompts = validate_prompts(request.prompts, resolved.size, self.config)
+        try:
+            result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size)
+        except EmbeddingLost:
+            self.embeddings.pop((tenant, resolved.key))
+            if not request.image.source:
+                raise Gone(f"the cached embedding for image_id {resolved.key!r} was lost; send the image again") from None
+            resolved = await self.resolve(request.image, tenant, need_pixels)
+            result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size)
+        result.timings_ms["total_ms"] = (time.perf_counter() - started) * 1000
+        result.timings_ms["cache_hit"] = float(resolved.cache_hit)
+        return result, resolved
+
+    def stats(self) -> dict:
+        return {"embedding_cache": self.embeddings.stats(), "logits_cache": self.logits.stats()}
 
 
-async def timed_segment(graph: Graph, request: SegmentRequest, started: float) -> SegmentResult:
-    result = await graph.segment(request)
-    result.timings_ms["total_ms"] = (time.perf_counter() - started) * 1000
-    return result
+_current: SegmentService | None = None
+
+
+def set_service(service: SegmentService) -> None:
+    global _current
+    _current = service
+
+
+def get_service() -> SegmentService:
+    """FastAPI dependency: the ingress replica's service (set when the replica starts)."""
+    if _current is None:
+        from serve_app.errors import ServiceUnavailable
+
+        raise ServiceUnavailable("the service is starting")
+    return _current

@@ -36,7 +36,20 @@ class VisualPrompt:
     kind: Literal["visual"] = "visual"
 
 
-Prompt = Union[ConceptPrompt, VisualPrompt]
+@dataclass(frozen=True)
+class AutoPrompt:
+    """Automatic masks: a points_per_side² grid of single clicks through the visual path, filtered and de-duplicated."""
+
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.0  # 0 disables the stability filter
+    nms_iou: float = 0.7  # mask IoU above which the lower-scoring mask is a duplicate
+    max_masks: int = 0  # 0 = no cap beyond SegmentParams.max_instances
+
+    kind: Literal["auto"] = "auto"
+
+
+Prompt = Union[ConceptPrompt, VisualPrompt, AutoPrompt]
 
 
 @dataclass(frozen=True)
@@ -51,19 +64,37 @@ class SegmentParams:
     return_logits: bool = False  # visual: return the low-res logits for refinement
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """Where the image comes from: base64 / data URI / URL, and/or a client id for its cached embedding."""
+
+    source: str | None = None
+    image_id: str | None = None
+
+
 @dataclass
 class SegmentRequest:
-    """A decoded image and what to find in it."""
+    """What every provider adapter produces: an image reference, prompts in original-image pixels, params."""
 
-    image: np.ndarray  # (H, W, 3) uint8 RGB
+    image: ImageInput
     prompts: list[Prompt]
     params: SegmentParams = field(default_factory=SegmentParams)
-    cache_key: str | None = None  # client image_id or digest of the encoded bytes
+
+
+@dataclass
+class ResolvedImage:
+    """An image once the service has it: its cache key, size, embedding handle and (when decoded) pixels."""
+
+    key: str
+    height: int
+    width: int
+    embedding: object  # a Ray ObjectRef in the Serve graph, a tensor in-process
+    pixels: np.ndarray | None = None
+    cache_hit: bool = False
 
     @property
     def size(self) -> tuple[int, int]:
-        """(height, width) of the original image."""
-        return int(self.image.shape[0]), int(self.image.shape[1])
+        return self.height, self.width
 
 
 @dataclass

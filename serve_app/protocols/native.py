@@ -7,13 +7,15 @@ import io
 from typing import Annotated, Literal, Union
 
 import numpy as np
+from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app import codecs
+from serve_app.auth import bearer
 from serve_app.config import Config
 from serve_app.errors import InvalidPrompt, Sam3Error
-from serve_app.geometry import validate_box_xyxy, validate_point
-from serve_app.types import ConceptPrompt, Prompt, SegmentParams, SegmentRequest, SegmentResult, VisualPrompt
+from serve_app.service import SegmentService, get_service
+from serve_app.types import ConceptPrompt, ImageInput, Prompt, SegmentParams, SegmentRequest, SegmentResult, VisualPrompt
 
 MAX_TEXT_CHARS = 256
 MAX_LOGITS_SIDE = 1024  # SAM3 low-res logits are 288 x 288
@@ -59,7 +61,9 @@ PromptIn = Annotated[Union[ConceptPromptIn, VisualPromptIn], Field(discriminator
 class SegmentRequestIn(_Strict):
     """`POST /v1/image/segment`."""
 
-    image: str = Field(description="The image: base64, a data URI, or an http(s) URL.", min_length=1)
+    image: str | None = Field(
+        None, description="The image: base64, a data URI, or an http(s) URL. May be omitted when `image_id` is cached."
+    )
     image_id: str | None = Field(
         None, max_length=256, description="Optional client key for the embedding cache; same id = same image."
     )
@@ -79,8 +83,8 @@ class SegmentRequestIn(_Strict):
 
     @field_validator("image")
     @classmethod
-    def _strip(cls, value: str) -> str:
-        return value.strip()
+    def _strip(cls, value: str | None) -> str | None:
+        return value.strip() if value is not None else None
 
 
 class InstanceOut(BaseModel):
@@ -131,39 +135,18 @@ def decode_logits(value: str) -> np.ndarray:
     return array
 
 
-def to_prompt(item: ConceptPromptIn | VisualPromptIn, size: tuple[int, int], config: Config) -> Prompt:
-    """Validate one wire prompt against the image and the limits; build the internal prompt."""
-    height, width = size
+def to_prompt(item: ConceptPromptIn | VisualPromptIn) -> Prompt:
+    """A wire prompt as an internal one; the service checks it against the image."""
     if isinstance(item, ConceptPromptIn):
-        if item.text is None and not item.boxes:
-            raise InvalidPrompt("a concept prompt needs `text`, `boxes`, or both")
-        if item.text is not None and not item.text.strip():
-            raise InvalidPrompt("`text` is blank")
-        if len(item.boxes) > config.max_boxes:
-            raise InvalidPrompt(f"{len(item.boxes)} boxes in one prompt; the limit is {config.max_boxes}")
         labels = item.box_labels if item.box_labels is not None else [True] * len(item.boxes)
-        if len(labels) != len(item.boxes):
-            raise InvalidPrompt(f"{len(item.boxes)} boxes but {len(labels)} box_labels: give one label per box")
-        boxes = tuple(validate_box_xyxy(b, width, height) for b in item.boxes)
-        return ConceptPrompt(item.text, boxes, tuple(labels), item.threshold)
-    if not item.points and item.box is None:
-        raise InvalidPrompt("a visual prompt needs `points`, a `box`, or both")
-    if len(item.points) > config.max_points:
-        raise InvalidPrompt(f"{len(item.points)} points in one prompt; the limit is {config.max_points}")
+        return ConceptPrompt(item.text, tuple(tuple(b) for b in item.boxes), tuple(labels), item.threshold)
     labels = item.point_labels if item.point_labels is not None else [1] * len(item.points)
-    if len(labels) != len(item.points):
-        raise InvalidPrompt(f"{len(item.points)} points but {len(labels)} point_labels: give one label per point")
-    points = tuple(validate_point(x, y, width, height) for x, y in item.points)
-    box = validate_box_xyxy(item.box, width, height) if item.box is not None else None
     logits = decode_logits(item.mask_logits) if item.mask_logits else None
-    return VisualPrompt(points, tuple(labels), box, item.multimask, logits)
+    box = tuple(item.box) if item.box is not None else None
+    return VisualPrompt(tuple(tuple(p) for p in item.points), tuple(labels), box, item.multimask, logits)
 
 
-def to_internal(body: SegmentRequestIn, image: np.ndarray, cache_key: str, config: Config) -> SegmentRequest:
-    if len(body.prompts) > config.max_prompts:
-        raise InvalidPrompt(f"{len(body.prompts)} prompts; the limit is {config.max_prompts} (SAM3_MAX_PROMPTS)")
-    size = (int(image.shape[0]), int(image.shape[1]))
-    prompts = [to_prompt(p, size, config) for p in body.prompts]
+def to_internal(body: SegmentRequestIn, config: Config) -> SegmentRequest:
     params = SegmentParams(
         threshold=body.threshold,
         mask_threshold=body.mask_threshold,
@@ -172,7 +155,7 @@ def to_internal(body: SegmentRequestIn, image: np.ndarray, cache_key: str, confi
         max_instances=min(body.max_instances, config.max_instances),
         return_logits=body.return_logits,
     )
-    return SegmentRequest(image=image, prompts=prompts, params=params, cache_key=cache_key)
+    return SegmentRequest(ImageInput(body.image, body.image_id), [to_prompt(p) for p in body.prompts], params)
 
 
 def render_mask(rle: dict, output: str, epsilon: float | None) -> dict | list | str:
@@ -212,3 +195,23 @@ def error_body(exc: Sam3Error) -> dict:
     if exc.details is not None:
         error["details"] = exc.details
     return {"error": error}
+
+
+router = APIRouter(tags=["native"])
+
+
+def _tenant(service: SegmentService, authorization: str | None, api_key: str | None) -> str:
+    return service.auth.tenant(bearer(authorization) or api_key, "`Authorization: Bearer <key>` or `x-api-key`")
+
+
+@router.post("/v1/image/segment", response_model=SegmentResponseOut)
+async def segment(
+    body: SegmentRequestIn,
+    service: SegmentService = Depends(get_service),
+    authorization: str | None = Header(None),
+    x_api_key: str | None = Header(None),
+) -> SegmentResponseOut:
+    """Concept (text / exemplar boxes) and visual (points / box) segmentation of one image."""
+    tenant = _tenant(service, authorization, x_api_key)
+    result, resolved = await service.segment(to_internal(body, service.config), tenant)
+    return render(result, body, resolved.key)

@@ -69,3 +69,61 @@ def random_image(seed: int, height: int = 96, width: int = 128) -> np.ndarray:
 
 def segment(url: str, body: dict, timeout: float = 120) -> requests.Response:
     return requests.post(f"{url}/v1/image/segment", json=body, timeout=timeout)
+
+
+API_KEY, OTHER_KEY = "test-key", "other-key"
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    """Real HTTP on 127.0.0.1: /img/<seed>.<png|jpg|webp|gif>?h=&w= (generated images), /redirect?to=<url>."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlparse
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's API
+            url = urlparse(self.path)
+            query = parse_qs(url.query)
+            if url.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", query["to"][0])
+                self.end_headers()
+                return
+            name = url.path.rsplit("/", 1)[-1]
+            seed, _, ext = name.partition(".")
+            if not url.path.startswith("/img/") or not seed.isdigit():
+                self.send_error(404)
+                return
+            height, width = int(query.get("h", [96])[0]), int(query.get("w", [128])[0])
+            fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF"}.get(ext, "PNG")
+            buffer = io.BytesIO()
+            Image.fromarray(random_image(int(seed), height, width)).save(buffer, format=fmt)
+            body = buffer.getvalue()
+            self.send_response(200)
+            self.send_header("Content-Type", f"image/{fmt.lower()}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def providers_url(serve_instance) -> str:
+    """The graph with API keys on (API_KEY, OTHER_KEY) and 127.0.0.1 allow-listed for image URLs."""
+    config = Config(api_keys=[API_KEY, OTHER_KEY], url_allowlist=["127.0.0.1"], encoder_batch_wait_timeout_s=0.01)
+    return deploy("providers", config, serve_instance)
+
+
+def image_bytes(seed: int, fmt: str = "PNG", height: int = 96, width: int = 128) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(random_image(seed, height, width)).save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -95,7 +95,7 @@ def test_bad_image_bytes(app_url: str, image: str, status: int, code: str, words
 
 
 def test_empty_image_string(app_url: str) -> None:
-    assert_error(segment(app_url, body(image="")), 422, "validation_error", "image", "at least 1")
+    assert_error(segment(app_url, body(image="")), 400, "invalid_image", "image is empty")
 
 
 def test_png_declaring_20000x20000_pixels_is_refused_quickly(app_url: str) -> None:
@@ -150,9 +150,9 @@ PROMPT_CASES = [
     pytest.param({"type": "visual", "points": [[-1, 20]]}, 400, "invalid_prompt", ("outside",),
                  id="point-negative"),
     pytest.param({"type": "visual", "points": [[10, 10], [20, 20]], "point_labels": [1]}, 400, "invalid_prompt",
-                 ("2 points", "1 point_labels"), id="point-labels-mismatch"),
+                 ("2 points", "1 point labels"), id="point-labels-mismatch"),
     pytest.param({"type": "concept", "boxes": [[10, 10, 50, 50]], "box_labels": [True, False]}, 400,
-                 "invalid_prompt", ("1 boxes", "2 box_labels"), id="box-labels-mismatch"),
+                 "invalid_prompt", ("1 boxes", "2 box labels"), id="box-labels-mismatch"),
     pytest.param({"type": "visual", "points": [[10, 10]], "mask_logits": "not base64 npy!"}, 400,
                  "invalid_prompt", ("mask_logits", "base64 .npy"), id="mask-logits-garbage"),
     pytest.param({"type": "visual", "points": [[10, 10]], "mask_logits": b64(b"\x93NUMPY not really")}, 400,
@@ -234,7 +234,11 @@ def test_bad_request_field(app_url: str, fields: dict, words: tuple[str, ...]) -
 
 
 def test_missing_image(app_url: str) -> None:
-    assert_error(segment(app_url, {"prompts": [TEXT]}), 422, "validation_error", "image", "required")
+    assert_error(segment(app_url, {"prompts": [TEXT]}), 400, "invalid_image", "no image given", "image_id")
+
+
+def test_unknown_image_id_without_image(app_url: str) -> None:
+    assert_error(segment(app_url, {"image_id": "never-seen", "prompts": [TEXT]}), 404, "not_found", "never-seen")
 
 
 # ------------------------------------------------------------------------------------------------ the body itself

@@ -6,9 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.integration.conftest import png_b64, random_image, segment
+import pytest
 
-TEXTS = ["cat", "dog", "red car", "tree", "person", "boat", "bird", "cup", "chair", "kite", "bus", "clock"]
+from serve_app.config import Config
+from tests.integration.conftest import deploy, png_b64, random_image, segment
+
+TEXTS = ["cat", "dog", "red car", "tree", "person", "boat", "bird", "cup", "chair", "kite", "bus", "clock", "fox"]
 
 
 def _body(i: int) -> dict:
@@ -16,6 +19,13 @@ def _body(i: int) -> dict:
     if i % 3 == 0:
         prompts.append({"type": "visual", "points": [[20 + i, 30]], "multimask": True})
     return {"image": png_b64(random_image(100 + i)), "prompts": prompts, "threshold": 0.05}
+
+
+@pytest.fixture(scope="module")
+def nocache_url(serve_instance) -> str:
+    """The embedding cache off, so every request runs the encoder; a wide batch window."""
+    config = Config(encoder_max_batch_size=16, encoder_batch_wait_timeout_s=0.2, embedding_cache_entries=0)
+    return deploy("nocache", config, serve_instance)
 
 
 def _histogram(app_url: str) -> dict[int, int]:
@@ -27,9 +37,10 @@ def _strip(payload: dict) -> list:
     return [[(i["score"], i["box"], i["mask"]) for i in p["instances"]] for p in payload["prompts"]]
 
 
-def test_concurrent_requests_are_batched_and_unchanged(app_url):
+def test_concurrent_requests_are_batched_and_unchanged(nocache_url):
+    app_url = nocache_url
     bodies = [_body(i) for i in range(12)]
-    segment(app_url, bodies[0])  # warm the path so the burst is not serialised behind start-up
+    segment(app_url, _body(12))  # warm the path so the burst is not serialised behind start-up
     before = _histogram(app_url)
     with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
         together = list(pool.map(lambda b: segment(app_url, b), bodies))
