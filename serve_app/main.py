@@ -13,6 +13,20 @@ from serve_app.errors import ModelLoadError
 logger = logging.getLogger("sam3_serve")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def bind_host(config: Config) -> str:
+    """With no API keys, never listen beyond loopback: an open model server is someone else's GPU."""
+    if config.api_keys:
+        return config.host
+    logger.warning("auth is off (no SAM3_API_KEYS): binding to 127.0.0.1 only")
+    if config.host not in LOOPBACK:
+        logger.warning("SAM3_HOST=%s ignored: set SAM3_API_KEYS to listen on other interfaces", config.host)
+        return "127.0.0.1"
+    return config.host
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -23,6 +37,8 @@ def main() -> int:
     except (ValueError, ModelLoadError) as exc:
         print(f"sam3-serve: cannot start: {exc}", file=sys.stderr)
         return 2
+
+    config = config.model_copy(update={"host": bind_host(config)})
 
     import ray
     from ray import serve
