@@ -27,6 +27,16 @@ class Config(BaseModel):
     min_image_side: int = Field(2, ge=1, description="Smallest accepted width or height.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body.")
 
+    # Video limits (checked from the container header before decoding where it declares them)
+    video_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest encoded video accepted.")
+    video_max_frames: int = Field(2000, ge=1, description="Most frames decoded from one video.")
+    video_max_duration_s: float = Field(600.0, gt=0, description="Longest video accepted, in seconds.")
+    video_max_frame_pixels: int = Field(4_000_000, ge=4, description="Largest video frame (width × height).")
+    video_max_side: int = Field(4096, ge=2, description="Largest video frame width or height.")
+    video_max_decoded_bytes: int = Field(
+        4 * 1024**3, ge=1024, description="Byte bound of all decoded RGB frames of one video (frames × H × W × 3)."
+    )
+
     # URL fetching
     fetch_timeout_s: float = Field(10.0, gt=0)
     fetch_max_redirects: int = Field(3, ge=0)
@@ -46,6 +56,12 @@ class Config(BaseModel):
     embedding_cache_bytes: int = Field(2 * 1024**3, ge=0, description="Byte bound of the embedding cache.")
     logits_cache_entries: int = Field(1024, ge=0, description="Images whose visual-prompt logits are kept.")
     logits_cache_bytes: int = Field(512 * 1024**2, ge=0, description="Byte bound of the logits cache.")
+
+    # Generated files (edited images and masks served back by URL, per ingress replica)
+    media_max_bytes: int = Field(
+        256 * 1024**2, ge=1024, description="Byte bound of the in-memory media store; least recently used files go first."
+    )
+    media_ttl_s: float = Field(3600.0, gt=0, description="Seconds a generated file's URL stays valid.")
 
     # Serve graph
     encoder_max_batch_size: int = Field(8, ge=1)

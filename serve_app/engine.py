@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from serve_app import postprocess as pp
 from serve_app.models import ModelBundle
-from serve_app.geometry import nms_torch
+from serve_app.geometry import nms_torch, normalized_cxcywh_from_xyxy
 from serve_app.types import AutoPrompt, ConceptPrompt, Prompt, PromptResult, SegmentParams, SegmentResult, VisualPrompt
 
 PIXEL_MEAN = 0.5  # Sam3ImageProcessor normalises with IMAGENET_STANDARD mean/std
@@ -162,11 +162,8 @@ class ImageEngine:
         if count == 0:
             return None, None
         height, width = size
-        xyxy = torch.tensor([p.boxes for p in prompts], dtype=torch.float32)
-        xyxy = xyxy / torch.tensor([width, height, width, height], dtype=torch.float32)
-        cxcywh = torch.stack(
-            [(xyxy[..., 0] + xyxy[..., 2]) / 2, (xyxy[..., 1] + xyxy[..., 3]) / 2,
-             xyxy[..., 2] - xyxy[..., 0], xyxy[..., 3] - xyxy[..., 1]], dim=-1,
+        cxcywh = torch.tensor(
+            np.stack([normalized_cxcywh_from_xyxy(p.boxes, width, height) for p in prompts]), dtype=torch.float32
         )
         labels = torch.tensor([[int(bool(v)) for v in p.box_labels] for p in prompts], dtype=torch.long)
         return cxcywh.to(self.device, self.dtype), labels.to(self.device)

@@ -100,3 +100,9 @@ class UrlNotAllowed(BadRequest):
     """A URL points at a private, loopback or otherwise internal address that is not allow-listed."""
 
     code = "url_not_allowed"
+
+
+class InvalidVideo(BadRequest):
+    """The bytes are not a readable video: not a container, no video stream, truncated or corrupt."""
+
+    code = "invalid_video"

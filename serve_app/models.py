@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
 TINY_SEED = 0
-TINY_INIT_RANGE = 0.3  # at the default 0.02, tiny mask logits are ~1e-3 and every pixel sits on the threshold
+TINY_INIT_RANGE = 0.15  # at the default 0.02, tiny mask logits are ~1e-3 and every pixel sits on the threshold
 TINY_PRESENCE_BIAS = 3.0
 TEXT_LENGTH = 32  # SAM3's processor pads every prompt to 32 tokens
 HASH_TOKENIZER_FILE = "sam3_serve_tokenizer.json"
@@ -37,8 +37,9 @@ def tiny_video_config():
         num_attention_heads=2, image_size=img, patch_size=patch, window_size=4, global_attn_indexes=[1],
         pretrain_image_size=img,
     )
+    width = 128  # > 64: the video tracker reshapes object pointers into 64-channel memory tokens only when wider
     vision = dict(
-        model_type="sam3_vision_model", backbone_config=vit, fpn_hidden_size=32,
+        model_type="sam3_vision_model", backbone_config=vit, fpn_hidden_size=width,
         backbone_feature_sizes=[[grid * 4, grid * 4], [grid * 2, grid * 2], [grid, grid]],
     )
     text = dict(
@@ -46,20 +47,27 @@ def tiny_video_config():
         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=TEXT_LENGTH,
         bos_token_id=998, eos_token_id=999, pad_token_id=999,
     )
-    small = dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64)
+    small = dict(hidden_size=width, num_layers=1, num_attention_heads=2, intermediate_size=2 * width)
     detector = dict(
         vision_config=vision, text_config=text, geometry_encoder_config=small, detr_encoder_config=small,
-        detr_decoder_config=dict(small, num_queries=16), mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
+        detr_decoder_config=dict(small, num_queries=16),
+        mask_decoder_config=dict(hidden_size=width, num_attention_heads=2),
     )
     tracker = dict(
         image_size=img, vision_config=vision,
-        prompt_encoder_config=dict(hidden_size=32, image_size=img, patch_size=patch),
-        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
-        memory_attention_hidden_size=32, memory_attention_num_layers=1, memory_attention_feed_forward_hidden_size=64,
-        memory_encoder_hidden_size=32, memory_encoder_output_channels=16, mask_downsampler_embed_dim=32,
-        memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=64, memory_attention_rope_feat_sizes=[grid, grid],
+        prompt_encoder_config=dict(hidden_size=width, image_size=img, patch_size=patch),
+        mask_decoder_config=dict(hidden_size=width, mlp_dim=2 * width, num_attention_heads=2, iou_head_hidden_dim=width),
+        memory_attention_hidden_size=width, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=2 * width, memory_encoder_hidden_size=width,
+        memory_encoder_output_channels=64,  # memory attention hard-codes kv_in_dim=64
+        mask_downsampler_embed_dim=width, memory_fuser_embed_dim=width, memory_fuser_intermediate_dim=2 * width,
+        memory_attention_rope_feat_sizes=[grid, grid],
     )
-    config = Sam3VideoConfig(detector_config=detector, tracker_config=tracker, low_res_mask_size=grid * 4)
+    # hotstart_delay: the real model holds 15 frames back to confirm new objects; 2 keeps tiny videos streaming
+    config = Sam3VideoConfig(
+        detector_config=detector, tracker_config=tracker, low_res_mask_size=grid * 4, hotstart_delay=2,
+        hotstart_unmatch_thresh=2, hotstart_dup_thresh=2,
+    )
     for sub in _all_configs(config):
         if hasattr(sub, "initializer_range"):
             sub.initializer_range = TINY_INIT_RANGE
@@ -135,6 +143,7 @@ class ModelBundle:
     video: torch.nn.Module  # Sam3VideoModel
     detector: torch.nn.Module  # Sam3Model (the video model's own detector)
     tracker: torch.nn.Module  # Sam3TrackerModel assembled from the video model's parts
+    video_tracker: torch.nn.Module  # Sam3TrackerVideoModel assembled the same way (click tracking in videos)
     tokenizer: HashTokenizer | HFTokenizer
     device: torch.device
     dtype: torch.dtype
@@ -228,6 +237,26 @@ def probe_model(name: str) -> None:
         raise ModelLoadError(f"SAM3_MODEL={name!r} is a {config.model_type} checkpoint; a sam3_video one is needed")
 
 
+def assemble_video_tracker(video: torch.nn.Module) -> torch.nn.Module:
+    """A `Sam3TrackerVideoModel` (click/box tracking) on the detector's backbone and the video model's tracker."""
+    from transformers import Sam3TrackerVideoModel
+    from transformers.models.sam3.modeling_sam3 import Sam3VisionModel
+
+    with torch.device("meta"):
+        tracker = Sam3TrackerVideoModel(video.config.tracker_config, remove_vision_encoder=True)
+        vision = Sam3VisionModel(video.config.detector_config.vision_config)
+    tracker.load_state_dict(video.tracker_model.state_dict(), strict=True, assign=True)
+    live_buffers = dict(video.tracker_model.named_buffers())  # non-persistent ones (rope tables) too
+    for name, buffer in list(tracker.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            tracker.get_submodule(owner)._buffers[attr] = live_buffers[name]
+    vision.backbone = video.detector_model.vision_encoder.backbone
+    vision.neck = video.tracker_neck
+    tracker.vision_encoder = vision
+    return tracker.eval()
+
+
 def _load_video_model(name: str, dtype: torch.dtype):
     from transformers import Sam3VideoModel
 
@@ -276,10 +305,11 @@ def load_bundle(config: Config) -> ModelBundle:
     video = _load_video_model(config.model, dtype).eval()
     tokenizer = _load_tokenizer(config.model, video.config.detector_config.text_config.vocab_size)
     tracker = assemble_image_tracker(video)
-    video.to(device)
-    tracker.to(device)
+    video_tracker = assemble_video_tracker(video)
+    for module in (video, tracker, video_tracker):
+        module.to(device)
     logger.info("loaded SAM3 model %s on %s (%s)", config.model, device, dtype)
-    return ModelBundle(config.model, video, video.detector_model, tracker, tokenizer, device, dtype)
+    return ModelBundle(config.model, video, video.detector_model, tracker, video_tracker, tokenizer, device, dtype)
 
 
 def save_bundle(bundle: ModelBundle, directory: str | os.PathLike) -> None:

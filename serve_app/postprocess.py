@@ -49,6 +49,8 @@ def upsample_probabilities(mask_logits: torch.Tensor, size: tuple[int, int], thr
 
 def upsample_logits(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Visual masks: bilinear on the logits to the original size, then > 0 (as Sam3TrackerProcessor does)."""
+    if mask_logits.shape[0] == 0:  # automatic masks may all be filtered out
+        return torch.zeros((0, *size), dtype=torch.bool, device=mask_logits.device)
     return F.interpolate(mask_logits.float()[None], size=size, mode="bilinear", align_corners=False)[0] > 0.0
 
 

@@ -1,7 +1,280 @@
-"""oxen-compatible routes: parse its requests into the internal request, render results and errors in its shapes."""
+"""Oxen.ai-compatible routes for `sam-3-image`: image edit, the model object, generated media; Oxen's error shape."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import base64
+import time
+from collections.abc import Callable
+from functools import cache
+from typing import Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve_app import codecs
+from serve_app.auth import bearer
+from serve_app.config import Config
+from serve_app.errors import NotFound, Sam3Error
+from serve_app.http import register_error_shape
+from serve_app.media import MediaStore, media_store
+from serve_app.service import SegmentService, get_service
+from serve_app.types import (
+    ConceptPrompt, ImageInput, Instance, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult,
+)
+
+MODEL_ID = "sam-3-image"
+MODEL_NAME = "Segment Anything 3 - Image"
+MODEL_DESCRIPTION = (
+    "Segment Anything 3 - Image is a Large Vision Model (LVM). It excels in zero-shot image segmentation, detecting "
+    "and segmenting all instances of objects based on text or visual prompts, with exhaustive instance detection and "
+    "a presence head that checks concept existence before localization to reduce false positives."
+)
+MODEL_PARAMETERS = 848_000_000
+MODEL_CREATED = 1763510400  # 2025-11-19, SAM3's release
+CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
+EXAMPLE_IMAGE = "https://hub.oxen.ai/api/repos/ox/Oxen-AI-Assets/file/main/images/ox_zoom_out_1926_1076.png"
+MAX_TEXT_CHARS = 256
+
+# ------------------------------------------------------------------------------------------------ wire models
+
+
+class Sam3ImageInput(BaseModel):
+    """Request parameters of Segment Anything 3 - Image (`sam-3-image`)."""
+
+    model_config = ConfigDict(extra="forbid", title="sam-3-image")
+
+    input_image: str = Field(
+        description="Image to use as reference. Must be jpeg, png, gif, or webp. Format: uri "
+        "(an http(s) URL or a data:image/...;base64 URI).",
+        json_schema_extra={"format": "uri", "examples": [EXAMPLE_IMAGE]},
+    )
+    prompt: str = Field(
+        min_length=1, max_length=MAX_TEXT_CHARS, examples=["the ox horns"],
+        description="Text description of what you want to segment out of the image.",
+    )
+    apply_mask: bool = Field(
+        True, strict=True,
+        description="Apply the mask on the image: true keeps only the segmented objects (transparent background for "
+        "png, black for jpg); false draws coloured masks over the whole image.",
+    )
+    output_format: Literal["png", "jpg"] = Field("png", description="Format of the output images.")
+
+    @field_validator("input_image")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        value = value.strip()
+        if not value.lower().startswith(("http://", "https://", "data:")):
+            raise ValueError("input_image must be an http(s) URL or a data URI (data:image/png;base64,...)")
+        return value
+
+
+class ImageEditRequest(Sam3ImageInput):
+    """`POST /api/ai/images/edit` with `model: sam-3-image`."""
+
+    model_config = ConfigDict(extra="forbid", title="ImageEditRequest")
+
+    model: str = Field(description=f"The model id; this server serves `{MODEL_ID}`.")
+    response_format: Literal["url", "b64_json"] = Field(
+        "url", description="`url` returns links to the generated files; `b64_json` returns their bytes inline."
+    )
+    target_namespace: str | None = Field(
+        None, max_length=256, description="Accepted for compatibility and ignored: results belong to the API key."
+    )
+
+
+class ImageOut(BaseModel):
+    url: str | None = Field(None, description="Link to the file (response_format=url); valid for SAM3_MEDIA_TTL_S.")
+    b64_json: str | None = Field(None, description="The file's bytes, base64 (response_format=b64_json).")
+
+
+class MaskOut(BaseModel):
+    score: float = Field(description="Detection × presence score of this instance, in (0, 1].")
+    box: list[float] = Field(description="[x0, y0, x1, y1] in pixels of the input image.")
+    area: int = Field(description="Mask area in pixels.")
+    rle: dict = Field(description="The instance mask as COCO compressed RLE {size: [height, width], counts}.")
+
+
+class ImageEditResponse(BaseModel):
+    model: str = Field(description="The model that answered.")
+    created: int = Field(description="Unix time of the answer.")
+    images: list[ImageOut] = Field(description="The edited image (one), in output_format.")
+    mask: ImageOut = Field(description="Union of all instance masks: a grey PNG, 255 = segmented, 0 = background.")
+    masks: list[MaskOut] = Field(description="One entry per instance found, best score first.")
+    width: int = Field(description="Input image width in pixels (the size of every output).")
+    height: int = Field(description="Input image height in pixels.")
+
+
+class ModelObject(BaseModel):
+    id: str = Field(description="The model id used in API calls.")
+    object: Literal["model"] = Field("model", description="Always `model`.")
+    created: int = Field(description="Unix time the model was released.")
+    owned_by: str = Field(description="Who serves the model.")
+    name: str = Field(description="Human-readable name.")
+    display_name: str = Field(description="Human-readable name (Oxen's newer field name).")
+    description: str = Field(description="What the model does.")
+    model_type: Literal["base"] = Field("base", description="Always `base`: no fine-tunes are served.")
+    endpoint: str = Field(description="The endpoint that runs the model.")
+    capabilities: dict[str, list[str]] = Field(description="Input and output modalities.")
+    parameter_count: int = Field(description="Parameters of the full SAM3 model.")
+    served_weights: str = Field(description="The weights this server loaded (SAM3_MODEL).")
+    json_request_schema: dict = Field(description="JSON Schema of the model's request parameters.")
+    request_schema: dict = Field(description="The same schema under Oxen's newer field name.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[ModelObject] = Field(description="The models served.")
+
+
+# ------------------------------------------------------------------------------------------------ translation
+
+
+def check_model(model_id: str) -> None:
+    if model_id != MODEL_ID:
+        raise NotFound(f"Model not found: {model_id} (this server serves {MODEL_ID})")
+
+
+def to_internal(body: Sam3ImageInput, config: Config) -> SegmentRequest:
+    """Concept segmentation of the prompt, with the same defaults as the native API."""
+    params = SegmentParams(max_instances=min(SegmentParams().max_instances, config.max_instances))
+    return SegmentRequest(ImageInput(source=body.input_image), [ConceptPrompt(text=body.prompt)], params)
+
+
+def union_mask(instances: list[Instance], height: int, width: int) -> np.ndarray:
+    union = np.zeros((height, width), dtype=bool)
+    for instance in instances:
+        union |= codecs.rle_decode(instance.rle)
+    return union
+
+
+def edited_image(pixels: np.ndarray, instances: list[Instance], union: np.ndarray, body: Sam3ImageInput) -> bytes:
+    """apply_mask: only the segmented pixels (png: transparent elsewhere, jpg: black); else coloured overlays."""
+    if body.apply_mask:
+        image = codecs.cutout(pixels, union) if body.output_format == "png" else codecs.cutout_on_black(pixels, union)
+    else:
+        # a generator: one decoded mask in memory at a time, however many instances there are
+        image = codecs.overlay(pixels, (codecs.rle_decode(i.rle) for i in instances))
+    return codecs.encode_image(image, body.output_format)
+
+
+Publisher = Callable[[bytes, str], str]  # (file bytes, content type) -> URL
+
+
+def publisher(request: Request, store: MediaStore, owner: str) -> Publisher:
+    """Store a file; its absolute URL on the host and route prefix the request came in on."""
+
+    def publish(data: bytes, content_type: str) -> str:
+        return str(request.url_for("oxen_media", media_id=store.put(data, content_type, owner)))
+
+    return publish
+
+
+def _out(data: bytes, content_type: str, response_format: str, publish: Publisher | None) -> ImageOut:
+    if response_format == "b64_json" or publish is None:
+        return ImageOut(b64_json=base64.b64encode(data).decode("ascii"))
+    return ImageOut(url=publish(data, content_type))
+
+
+def render_edit(
+    body: ImageEditRequest, result: SegmentResult, resolved: ResolvedImage, *,
+    publish: Publisher | None = None, created: int | None = None,
+) -> dict:
+    """The Oxen image-edit response; files go through `publish` (url) or inline (b64_json). CPU-bound."""
+    if resolved.pixels is None:
+        raise ValueError("render_edit needs the decoded pixels: call segment(..., need_pixels=True)")
+    instances = result.prompts[0].instances if result.prompts else []
+    union = union_mask(instances, result.height, result.width)
+    image = edited_image(resolved.pixels, instances, union, body)
+    fmt = body.response_format
+    response = ImageEditResponse(
+        model=MODEL_ID,
+        created=int(time.time()) if created is None else created,
+        images=[_out(image, CONTENT_TYPES[body.output_format], fmt, publish)],
+        mask=_out(codecs.mask_to_png_bytes(union), "image/png", fmt, publish),
+        masks=[MaskOut(score=i.score, box=list(i.box), area=i.area, rle=i.rle) for i in instances],
+        width=result.width,
+        height=result.height,
+    )
+    return response.model_dump(exclude_none=True)
+
+
+@cache
+def request_schema() -> dict:
+    return Sam3ImageInput.model_json_schema()
+
+
+def model_object(config: Config) -> ModelObject:
+    return ModelObject(
+        id=MODEL_ID, created=MODEL_CREATED, owned_by="sam3-serve", name=MODEL_NAME, display_name=MODEL_NAME,
+        description=MODEL_DESCRIPTION, endpoint="/images/edit",
+        capabilities={"input": ["image", "text"], "output": ["image"]}, parameter_count=MODEL_PARAMETERS,
+        served_weights=config.model, json_request_schema=request_schema(), request_schema=request_schema(),
+    )
+
+
+def error_body(exc: Sam3Error) -> dict:
+    """Oxen's error shape: {"status": "error", "status_message": <code>, "status_description": <message>, "error"}."""
+    code = {"not_found": "resource_not_found", "internal_error": "internal_server_error"}.get(exc.code, exc.code)
+    error: dict = {"type": code, "title": exc.message}
+    if exc.details is not None:
+        error["details"] = exc.details
+    return {"status": "error", "status_message": code, "status_description": exc.message, "error": error}
+
+
+register_error_shape("/api/ai", error_body)
+register_error_shape("/api/media", error_body)
+
+# ------------------------------------------------------------------------------------------------ routes
 
 router = APIRouter(tags=["oxen"])
+
+
+def oxen_tenant(service: SegmentService = Depends(get_service), authorization: str | None = Header(None)) -> str:
+    """Runs before the body is validated, so an unauthenticated caller learns nothing about the schema."""
+    return service.auth.tenant(bearer(authorization), "`Authorization: Bearer <key>`")
+
+
+@router.post("/api/ai/images/edit", response_model=ImageEditResponse, response_model_exclude_none=True)
+async def images_edit(
+    body: ImageEditRequest,
+    request: Request,
+    tenant: str = Depends(oxen_tenant),
+    service: SegmentService = Depends(get_service),
+) -> dict:
+    """Segment everything the prompt names; answer with the edited image, the union mask and per-instance masks."""
+    check_model(body.model)
+    result, resolved = await service.segment(to_internal(body, service.config), tenant, need_pixels=True)
+    publish = publisher(request, media_store(service.config), tenant)
+    return await asyncio.to_thread(render_edit, body, result, resolved, publish=publish)
+
+
+@router.get("/api/ai/models", response_model=ModelList)
+async def list_models(_: str = Depends(oxen_tenant), service: SegmentService = Depends(get_service)) -> ModelList:
+    """The models this server answers for (one)."""
+    return ModelList(data=[model_object(service.config)])
+
+
+@router.get("/api/ai/models/{model_id}", response_model=ModelObject)
+async def get_model(
+    model_id: str, _: str = Depends(oxen_tenant), service: SegmentService = Depends(get_service)
+) -> ModelObject:
+    """The model object, with the JSON Schema of its request parameters."""
+    check_model(model_id)
+    return model_object(service.config)
+
+
+@router.get(
+    "/api/media/{media_id}", name="oxen_media", response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "The file."}},
+)
+async def get_media(media_id: str, service: SegmentService = Depends(get_service)) -> Response:
+    """A generated file. No auth: the id is an unguessable capability, like a signed URL, until it expires."""
+    store = media_store(service.config)
+    item = store.get(media_id)
+    if item is None:
+        raise NotFound("media not found: the id is unknown, or the file expired or was evicted (SAM3_MEDIA_TTL_S)")
+    headers = {"Cache-Control": f"private, max-age={int(store.remaining_s(item))}", "X-Content-Type-Options": "nosniff"}
+    return Response(item.data, media_type=item.content_type, headers=headers)

@@ -1,0 +1,406 @@
+"""Video I/O with PyAV: hostile bytes to validated RGB frames, and masks to RLE or a rendered H.264 MP4."""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+import av
+import numpy as np
+
+from serve_app.codecs import PALETTE, overlay, rle_encode_many
+from serve_app.errors import BadRequest, InvalidImage, InvalidVideo, PayloadTooLarge
+from serve_app.imageio import decode_base64_payload
+
+if TYPE_CHECKING:
+    from serve_app.config import Config
+
+# Demuxers FFmpeg may use on client bytes (mp4/mov/m4v/3gp, mkv/webm, avi). Everything else (playlists such as
+# HLS or concat that open further files or URLs, raw streams, images) is refused before its header is parsed.
+ACCEPTED_DEMUXERS = ("mov", "matroska", "avi")
+DEFAULT_FPS = 25.0
+_MAX_FPS = 1000.0
+_OPEN_OPTIONS = {"format_whitelist": ",".join(ACCEPTED_DEMUXERS), "protocol_whitelist": "none"}
+# Errors PyAV/FFmpeg raise on bad input (av.FFmpegError subclasses OSError/ValueError; some paths raise others).
+_DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError, UnicodeError, IndexError)
+# A single-stream container whose decodable frames cover this much less than its declared duration is truncated.
+_TRUNCATION_SLACK_S = 1.0
+_TRUNCATION_SLACK_FRACTION = 0.25
+
+
+@dataclass
+class VideoLimits:
+    """Bounds applied to every client video; the header is checked before any frame is decoded."""
+
+    max_bytes: int = 200 * 1024 * 1024
+    max_frames: int = 2000
+    max_duration_s: float = 600.0
+    max_pixels_per_frame: int = 4_000_000
+    max_side: int = 4096
+    max_decoded_bytes: int = 4 * 1024**3
+
+    @classmethod
+    def from_config(cls, config: Config) -> VideoLimits:
+        return cls(
+            max_bytes=config.video_max_bytes,
+            max_frames=config.video_max_frames,
+            max_duration_s=config.video_max_duration_s,
+            max_pixels_per_frame=config.video_max_frame_pixels,
+            max_side=config.video_max_side,
+            max_decoded_bytes=config.video_max_decoded_bytes,
+        )
+
+
+@dataclass
+class Video:
+    """Decoded frames, each (H, W, 3) uint8 RGB on the CPU, all of one size, with their frame rate."""
+
+    frames: list[np.ndarray]
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps if self.fps > 0 else 0.0
+
+
+# ------------------------------------------------------------------ decoding
+
+
+def video_bytes_from_base64(value: str, limits: VideoLimits) -> bytes:
+    """Raw or URL-safe base64, or a base64 data URI, to video bytes within limits.max_bytes."""
+    try:
+        return decode_base64_payload(value, limits.max_bytes)
+    except PayloadTooLarge:
+        raise _too_many_bytes(None, limits.max_bytes) from None
+    except InvalidImage as exc:
+        message = exc.message
+        raise InvalidVideo("video" + message[5:] if message.startswith("image") else message) from None
+
+
+def decode_video(data: bytes, limits: VideoLimits, *, max_frames: int | None = None) -> Video:
+    """Decode the first video stream of an mp4 / mov / mkv / webm / avi held in memory.
+
+    Raises PayloadTooLarge for bytes, resolution, duration, frame count or decoded size over the limits (header
+    values first, then every decoded frame, stopping at the first frame over the limit) and InvalidVideo for bytes
+    that are not an accepted container, hold no video stream or no decodable frame, or are truncated/corrupt.
+    `max_frames` tightens limits.max_frames for one call; it never raises it. The display rotation (multiples of
+    90 degrees, phone videos) is applied. A mid-stream resolution change is scaled to the first frame's size.
+    """
+    if not data:
+        raise InvalidVideo("video is empty")
+    if len(data) > limits.max_bytes:
+        raise _too_many_bytes(len(data), limits.max_bytes)
+    if max_frames is not None and max_frames < 1:
+        raise BadRequest(f"max_frames must be at least 1, got {max_frames}")
+    cap = limits.max_frames if max_frames is None else min(limits.max_frames, max_frames)
+    container = _open(data)
+    try:
+        stream = _video_stream(container)
+        _check_header(container, stream, limits, cap)
+        return _decode_frames(container, stream, limits, cap)
+    finally:
+        container.close()
+
+
+def _open(data: bytes) -> Any:
+    try:
+        return av.open(io.BytesIO(data), mode="r", container_options=_OPEN_OPTIONS)
+    except _DECODE_ERRORS as exc:
+        raise InvalidVideo(
+            "could not open video: not an mp4, mov, mkv, webm or avi file, or the file is truncated or corrupt "
+            f"({_reason(exc)})"
+        ) from None
+
+
+def _video_stream(container: Any) -> Any:
+    streams = container.streams.video
+    if not streams:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+        raise InvalidVideo(f"the file holds no video stream (streams found: {kinds})")
+    stream = streams[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _check_header(container: Any, stream: Any, limits: VideoLimits, cap: int) -> None:
+    """Reject on declared values alone: nothing has been decoded yet."""
+    width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+    if width and height:
+        _check_resolution(width, height, limits)
+    declared_s = _declared_duration(container, stream)
+    if declared_s is not None and declared_s > limits.max_duration_s:
+        raise _too_long(declared_s, limits.max_duration_s)
+    declared_frames = int(stream.frames or 0)
+    if declared_frames > cap:
+        raise _too_many_frames(f"{declared_frames} frames", cap)
+    if declared_frames and width and height:
+        _check_decoded_bytes(declared_frames, width, height, limits)
+
+
+def _decode_frames(container: Any, stream: Any, limits: VideoLimits, cap: int) -> Video:
+    fps = _fps(stream)
+    frames: list[np.ndarray] = []
+    size: tuple[int, int] | None = None  # (width, height) every frame is brought to, before rotation
+    turns, first_t, last_t = 0, None, None
+    try:
+        for frame in container.decode(stream):
+            if len(frames) >= cap:
+                raise _too_many_frames(f"more than {cap} frames", cap)
+            _check_resolution(frame.width, frame.height, limits)
+            if size is None:
+                size, turns = (frame.width, frame.height), _quarter_turns(frame)
+            t = frame.time
+            if t is not None:
+                first_t = t if first_t is None else first_t
+                last_t = t
+            elapsed = (last_t - first_t) if last_t is not None else len(frames) / fps
+            if elapsed > limits.max_duration_s:
+                raise _too_long(elapsed, limits.max_duration_s)
+            _check_decoded_bytes(len(frames) + 1, size[0], size[1], limits)
+            frames.append(_frame_to_rgb(frame, size, turns))
+    except _DECODE_ERRORS as exc:
+        raise InvalidVideo(f"video is truncated or corrupt after frame {len(frames)} ({_reason(exc)})") from None
+    if not frames:
+        raise InvalidVideo("video has no decodable frames (empty, truncated or corrupt)")
+    covered = (last_t - first_t + 1.0 / fps) if last_t is not None else len(frames) / fps
+    _check_not_truncated(container, stream, len(frames), covered)
+    height, width = frames[0].shape[:2]
+    return Video(frames=frames, fps=fps, width=width, height=height)
+
+
+def _frame_to_rgb(frame: Any, size: tuple[int, int], turns: int) -> np.ndarray:
+    """One decoded frame to (H, W, 3) uint8 RGB at `size`, rotated by `turns` quarter turns counterclockwise."""
+    if (frame.width, frame.height) != size:
+        rgb = frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
+    else:
+        rgb = frame.to_ndarray(format="rgb24")
+    if turns:
+        rgb = np.rot90(rgb, k=turns)
+    return np.ascontiguousarray(rgb)
+
+
+def _quarter_turns(frame: Any) -> int:
+    """Counterclockwise quarter turns from the display matrix (0 when absent or not a multiple of 90 degrees)."""
+    angle = getattr(frame, "rotation", 0) or 0  # VideoFrame.rotation exists from PyAV 14
+    if not math.isfinite(angle) or round(angle) % 90:
+        return 0
+    return (round(angle) // 90) % 4
+
+
+def _fps(stream: Any) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate):
+        value = float(rate) if rate else 0.0
+        if math.isfinite(value) and 0.0 < value <= _MAX_FPS:
+            return value
+    return DEFAULT_FPS
+
+
+def _declared_duration(container: Any, stream: Any) -> float | None:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    return None
+
+
+def _check_not_truncated(container: Any, stream: Any, decoded: int, covered_s: float) -> None:
+    """Demuxers may stop silently at a cut: compare the decoded span with the duration the file declares.
+
+    The video stream's own duration is used (mp4/mov/avi); else the container's, only when it holds no other
+    stream (mkv/webm declare one duration for all tracks, and an audio track may legitimately outlast the video).
+    """
+    if stream.duration and stream.time_base:
+        declared = float(stream.duration * stream.time_base)
+    elif len(container.streams) == 1 and container.duration:
+        declared = container.duration / av.time_base
+    else:
+        return
+    if declared - covered_s > max(_TRUNCATION_SLACK_S, _TRUNCATION_SLACK_FRACTION * declared):
+        raise InvalidVideo(
+            f"video is truncated or corrupt after frame {decoded}: the file declares {declared:.1f} s "
+            f"but only {covered_s:.1f} s could be decoded"
+        )
+
+
+def _check_resolution(width: int, height: int, limits: VideoLimits) -> None:
+    if width < 1 or height < 1:
+        raise InvalidVideo(f"video frames are {width}x{height} pixels")
+    if width * height > limits.max_pixels_per_frame:
+        raise PayloadTooLarge(
+            f"video frames are {width}x{height} ({width * height} pixels), more than the limit of "
+            f"{limits.max_pixels_per_frame} pixels per frame; downscale it or raise SAM3_VIDEO_MAX_FRAME_PIXELS"
+        )
+    if max(width, height) > limits.max_side:
+        raise PayloadTooLarge(
+            f"video frames are {width}x{height}, a side longer than the limit of {limits.max_side} pixels "
+            "(SAM3_VIDEO_MAX_SIDE)"
+        )
+
+
+def _check_decoded_bytes(frames: int, width: int, height: int, limits: VideoLimits) -> None:
+    total = frames * width * height * 3
+    if total > limits.max_decoded_bytes:
+        raise PayloadTooLarge(
+            f"video decodes to more than {limits.max_decoded_bytes} bytes of RGB frames ({frames} frames of "
+            f"{width}x{height}); send fewer frames or a lower resolution, or raise SAM3_VIDEO_MAX_DECODED_BYTES"
+        )
+
+
+def _too_many_bytes(size: int | None, max_bytes: int) -> PayloadTooLarge:
+    what = f"video is {size} bytes," if size is not None else "video is"
+    return PayloadTooLarge(f"{what} more than the limit of {max_bytes} bytes (SAM3_VIDEO_MAX_BYTES)")
+
+
+def _too_long(seconds: float, limit: float) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"video lasts {seconds:.1f} s, more than the limit of {limit:g} s; trim it or raise SAM3_VIDEO_MAX_DURATION_S"
+    )
+
+
+def _too_many_frames(what: str, cap: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"video has {what}, more than the limit of {cap} frames; trim it, lower its frame rate "
+        "or raise SAM3_VIDEO_MAX_FRAMES"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return str(text).replace(": '<none>'", "")
+
+
+# ------------------------------------------------------------ image frames
+
+
+def frames_from_images(
+    images: Sequence[np.ndarray], fps: float = DEFAULT_FPS, *, limits: VideoLimits | None = None
+) -> Video:
+    """A Video from client frames (already decoded RGB images); all must share the first frame's size."""
+    if not images:
+        raise InvalidVideo("a video needs at least one frame")
+    if not (math.isfinite(fps) and 0.0 < fps <= _MAX_FPS):
+        raise InvalidVideo(f"fps must be in (0, {_MAX_FPS:g}], got {fps}")
+    first = np.asarray(images[0])
+    if first.ndim != 3 or first.shape[2] != 3 or first.dtype != np.uint8:
+        raise InvalidVideo(f"frame 0 must be an RGB uint8 image (H, W, 3), got {first.dtype} {first.shape}")
+    height, width = first.shape[:2]
+    if limits is not None:
+        if len(images) > limits.max_frames:
+            raise _too_many_frames(f"{len(images)} frames", limits.max_frames)
+        _check_resolution(width, height, limits)
+        _check_decoded_bytes(len(images), width, height, limits)
+    frames = []
+    for i, image in enumerate(images):
+        arr = np.asarray(image)
+        if arr.shape != first.shape or arr.dtype != np.uint8:
+            raise InvalidVideo(
+                f"frame {i} is {arr.dtype} {tuple(arr.shape)} but frame 0 is uint8 {tuple(first.shape)}: "
+                "all frames of a video must share one size"
+            )
+        frames.append(np.ascontiguousarray(arr))
+    return Video(frames=frames, fps=float(fps), width=int(width), height=int(height))
+
+
+# ------------------------------------------------------------------ encoding
+
+
+@functools.lru_cache(maxsize=1)
+def mp4_codec() -> str:
+    """libx264 when this FFmpeg build has it, else the native 'mpeg4' (MPEG-4 Part 2) encoder."""
+    for name in ("libx264", "mpeg4"):
+        try:
+            av.codec.Codec(name, "w")
+        except Exception:  # noqa: BLE001 - any failure means "not usable here"
+            continue
+        return name
+    raise RuntimeError("this FFmpeg build has neither libx264 nor mpeg4 encoders")
+
+
+def encode_mp4(frames: Sequence[np.ndarray], fps: float) -> bytes:
+    """RGB frames (one size) to MP4 bytes: H.264 yuv420p, or MPEG-4 Part 2 where libx264 is missing.
+
+    yuv420p needs even sides: an odd width or height is padded by one replicated edge row/column.
+    The moov atom is written at the end (no faststart: that needs a second pass over a file).
+    """
+    if not frames:
+        raise ValueError("encode_mp4 needs at least one frame")
+    first = np.asarray(frames[0])
+    if first.ndim != 3 or first.shape[2] != 3 or first.dtype != np.uint8:
+        raise ValueError(f"expected RGB uint8 frames (H, W, 3), got {first.dtype} {first.shape}")
+    height, width = first.shape[:2]
+    pad = ((0, height % 2), (0, width % 2), (0, 0))
+    rate = Fraction(fps if math.isfinite(fps) and 0 < fps <= _MAX_FPS else DEFAULT_FPS).limit_denominator(1001)
+    codec = mp4_codec()
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height = width + width % 2, height + height % 2
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "veryfast", "crf": "23"}
+        else:
+            stream.bit_rate = max(1_000_000, stream.width * stream.height * 4)
+        for i, img in enumerate(frames):
+            arr = np.asarray(img)
+            if arr.shape != first.shape or arr.dtype != np.uint8:
+                raise ValueError(f"frame {i} is {arr.dtype} {arr.shape}, frame 0 is {first.shape}")
+            if pad[0][1] or pad[1][1]:
+                arr = np.pad(arr, pad, mode="edge")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------ masks
+
+
+FrameMasks = Sequence[Sequence[tuple[int, np.ndarray]]]
+
+
+def object_color(object_id: int) -> tuple[int, int, int]:
+    """The colour an object keeps on every frame (and across requests): PALETTE[object_id % len(PALETTE)]."""
+    return PALETTE[int(object_id) % len(PALETTE)]
+
+
+def render_masks_video(video: Video, frame_masks: FrameMasks, *, apply_mask: bool) -> bytes:
+    """MP4 of the video with each object's mask drawn in its own stable colour.
+
+    apply_mask=True fills masks at 50 % opacity and outlines them; apply_mask=False only outlines them (the
+    frames stay readable and the tracked objects are still visible). frame_masks holds one (possibly empty)
+    list of (object_id, bool (H, W) mask) per frame.
+    """
+    if len(frame_masks) != video.num_frames:
+        raise ValueError(f"got masks for {len(frame_masks)} frames, the video has {video.num_frames}")
+    alpha = 0.5 if apply_mask else 0.0
+    rendered = []
+    for frame, objects in zip(video.frames, frame_masks):
+        if not objects:
+            rendered.append(frame)
+            continue
+        colors = [object_color(object_id) for object_id, _ in objects]
+        rendered.append(overlay(frame, [mask for _, mask in objects], alpha=alpha, colors=colors))
+    return encode_mp4(rendered, video.fps)
+
+
+def masks_to_rle(frame_masks: FrameMasks) -> list[list[dict[str, Any]]]:
+    """Per frame, [{"object_id": int, "rle": COCO compressed RLE}] in the order given."""
+    out: list[list[dict[str, Any]]] = []
+    for objects in frame_masks:
+        if not objects:
+            out.append([])
+            continue
+        rles = rle_encode_many(np.stack([np.asarray(mask, dtype=bool) for _, mask in objects]))
+        out.append([{"object_id": int(object_id), "rle": rle} for (object_id, _), rle in zip(objects, rles)])
+    return out

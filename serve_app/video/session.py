@@ -1,0 +1,259 @@
+"""One video session: text prompts track every instance (Sam3VideoModel), clicks/boxes track one object each
+(Sam3TrackerVideoModel); propagation yields results frame by frame. Plain class: the Ray actor wraps it."""
+
+from __future__ import annotations
+
+import gc
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from serve_app import postprocess as pp
+from serve_app.engine import ImageEngine
+from serve_app.errors import BadRequest, InvalidPrompt, NotFound
+from serve_app.geometry import validate_box_xyxy, validate_point
+
+Direction = Literal["forward", "backward", "both"]
+FRAME_CACHE = 4  # preprocessed frames kept; the rest stay as uint8 on the CPU
+
+
+@dataclass
+class FrameResult:
+    """Every tracked object on one frame: COCO RLE at the video's size, xyxy box, score."""
+
+    frame_index: int
+    objects: list[dict] = field(default_factory=list)
+
+
+class LazyFrames:
+    """What HF sessions read as `processed_frames`: preprocessed on access from raw uint8 frames, a few cached."""
+
+    def __init__(self, frames: list[np.ndarray], engine: ImageEngine) -> None:
+        self.frames, self.engine = frames, engine
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and 0 <= index < len(self.frames)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index not in self._cache:
+            self._cache[index] = self.engine.preprocess([self.frames[index]])[0]
+            while len(self._cache) > FRAME_CACHE:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(index)
+        return self._cache[index]
+
+
+@dataclass
+class _Clicks:
+    frame_index: int
+    points: tuple
+    labels: tuple
+    box: tuple | None
+
+
+class VideoSession:
+    """Holds the frames and at most one HF inference session; a session tracks text concepts or clicked objects."""
+
+    def __init__(self, engine: ImageEngine, frames: list[np.ndarray], fps: float, max_objects: int = 32) -> None:
+        if not frames:
+            raise BadRequest("the video has no frames")
+        self.engine, self.bundle = engine, engine.bundle
+        self.frames, self.fps, self.max_objects = frames, fps, max_objects
+        self.height, self.width = int(frames[0].shape[0]), int(frames[0].shape[1])
+        self.mode: Literal["text", "click"] | None = None
+        self.texts: list[str] = []
+        self._clicks: dict[int, list[_Clicks]] = {}
+        self._hf = None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+    def _new_hf_session(self, kind: str):
+        from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
+        from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
+
+        cls = Sam3VideoInferenceSession if kind == "text" else Sam3TrackerVideoInferenceSession
+        session = cls(
+            video=None, video_height=self.height, video_width=self.width, inference_device=self.engine.device,
+            inference_state_device=self.engine.device, video_storage_device="cpu", dtype=self.engine.dtype,
+        )
+        session.processed_frames = LazyFrames(self.frames, self.engine)
+        return session
+
+    def _enter(self, mode: Literal["text", "click"]) -> None:
+        if self.mode is None:
+            self.mode, self._hf = mode, self._new_hf_session(mode)
+        elif self.mode != mode:
+            other = "text prompts" if self.mode == "text" else "clicks and boxes"
+            raise BadRequest(f"this session tracks {other}; reset it or start another session to mix prompt kinds")
+
+    def check_frame(self, frame_index: int) -> int:
+        if not 0 <= frame_index < self.num_frames:
+            raise InvalidPrompt(f"frame index {frame_index} is out of range: the video has {self.num_frames} frames")
+        return frame_index
+
+    # ---- prompts ----------------------------------------------------------------------------------------
+
+    def add_text(self, text: str) -> int:
+        """Track every instance of `text`; detections start arriving with `propagate`. Returns the prompt id."""
+        if not text or not text.strip():
+            raise InvalidPrompt("the text prompt is blank")
+        self._enter("text")
+        prompt_id = self._hf.add_prompt(text)
+        if prompt_id not in self._hf.prompt_input_ids:
+            ids, mask = self.bundle.tokenizer([text])
+            self._hf.prompt_input_ids[prompt_id] = ids.to(self.engine.device)
+            self._hf.prompt_attention_masks[prompt_id] = mask.to(self.engine.device)
+            self.texts.append(text)
+        return prompt_id
+
+    def add_clicks(
+        self, frame_index: int, object_id: int, points: list, labels: list, box: list | None = None
+    ) -> FrameResult:
+        """Start or refine one object on one frame; returns every object's mask on that frame."""
+        self.check_frame(frame_index)
+        if not points and box is None:
+            raise InvalidPrompt("give points, a box, or both")
+        if len(labels) != len(points):
+            raise InvalidPrompt(f"{len(points)} points but {len(labels)} labels: give one label per point")
+        if any(label not in (0, 1) for label in labels):
+            raise InvalidPrompt("point labels must be 1 (on the object) or 0 (background)")
+        pts = tuple(validate_point(x, y, self.width, self.height) for x, y in points)
+        clipped = validate_box_xyxy(box, self.width, self.height) if box is not None else None
+        if object_id not in self._clicks and len(self._clicks) >= self.max_objects:
+            raise BadRequest(f"this session already tracks {self.max_objects} objects (SAM3_VIDEO_MAX_OBJECTS)")
+        self._enter("click")
+        entry = _Clicks(frame_index, pts, tuple(int(v) for v in labels), clipped)
+        self._clicks.setdefault(object_id, []).append(entry)
+        return self._apply_clicks(object_id, entry)
+
+    @torch.inference_mode()
+    def _apply_clicks(self, object_id: int, entry: _Clicks) -> FrameResult:
+        side = self.bundle.image_size
+        sx, sy = side / self.width, side / self.height
+        coords = [[x * sx, y * sy] for x, y in entry.points]
+        labels = list(entry.labels)
+        if entry.box is not None:  # a box is two corner points labelled 2 and 3, before any clicks
+            x0, y0, x1, y1 = entry.box
+            coords, labels = [[x0 * sx, y0 * sy], [x1 * sx, y1 * sy], *coords], [2, 3, *labels]
+        session = self._hf
+        obj_idx = session.obj_id_to_idx(object_id)
+        point_coords = torch.tensor(coords, dtype=torch.float32).reshape(1, 1, -1, 2)
+        point_labels = torch.tensor(labels, dtype=torch.int32).reshape(1, 1, -1)
+        session.add_point_inputs(obj_idx, entry.frame_index, {"point_coords": point_coords, "point_labels": point_labels})
+        session.remove_mask_inputs(obj_idx, entry.frame_index)
+        session.obj_with_new_inputs = [object_id]
+        out = self.bundle.video_tracker(inference_session=session, frame_idx=entry.frame_index)
+        return self._tracker_frame(out)
+
+    def remove_object(self, object_id: int) -> None:
+        """Stop tracking one object everywhere; other objects keep their prompts."""
+        if self.mode == "click":
+            if object_id not in self._clicks:
+                raise NotFound(f"no object {object_id} in this session")
+            del self._clicks[object_id]
+            remaining, self._clicks = self._clicks, {}
+            self._hf = self._new_hf_session("click")  # replay the other objects' clicks on a clean state
+            for oid, entries in remaining.items():
+                self._clicks[oid] = entries
+                for entry in entries:
+                    self._apply_clicks(oid, entry)
+        elif self.mode == "text" and object_id in self._hf.obj_ids:
+            self._hf.remove_object(object_id)
+            self._hf.removed_obj_ids.add(object_id)
+        else:
+            raise NotFound(f"no object {object_id} in this session")
+
+    def reset(self) -> None:
+        """Forget every prompt and result; the frames stay."""
+        self.mode, self._hf, self.texts, self._clicks = None, None, [], {}
+        _free()
+
+    def close(self) -> None:
+        self.reset()
+        self.frames = []
+        _free()
+
+    # ---- propagation ------------------------------------------------------------------------------------
+
+    def propagate(
+        self, direction: Direction = "forward", start_frame: int | None = None, max_frames: int | None = None
+    ) -> Iterator[FrameResult]:
+        """Yield every frame's objects as soon as the model produces them."""
+        if self.mode is None:
+            raise BadRequest("add a prompt before propagating")
+        start = self.check_frame(start_frame if start_frame is not None else self._default_start())
+        if max_frames is not None and max_frames < 1:
+            raise InvalidPrompt("max_frames must be at least 1")
+        seen: set[int] = set()
+        passes = {"forward": [False], "backward": [True], "both": [False, True]}[direction]
+        for reverse in passes:
+            for result in self._propagate_once(start, max_frames, reverse):
+                if result.frame_index not in seen:
+                    seen.add(result.frame_index)
+                    yield result
+
+    def _default_start(self) -> int:
+        if self.mode == "click":
+            return min(e.frame_index for entries in self._clicks.values() for e in entries)
+        return 0
+
+    def _propagate_once(self, start: int, max_frames: int | None, reverse: bool) -> Iterator[FrameResult]:
+        with torch.inference_mode():
+            if self.mode == "text":
+                if reverse and start == 0:
+                    return
+                iterator = self.bundle.video.propagate_in_video_iterator(
+                    self._hf, start_frame_idx=start, max_frame_num_to_track=max_frames, reverse=reverse
+                )
+                for out in iterator:
+                    yield self._text_frame(out)
+            else:
+                iterator = self.bundle.video_tracker.propagate_in_video_iterator(
+                    self._hf, start_frame_idx=start, max_frame_num_to_track=max_frames, reverse=reverse
+                )
+                for out in iterator:
+                    yield self._tracker_frame(out)
+
+    # ---- outputs ----------------------------------------------------------------------------------------
+
+    def _objects(self, ids: list[int], logits: torch.Tensor, scores: list[float]) -> list[dict]:
+        if not ids:
+            return []
+        masks = pp.upsample_logits(logits.float(), (self.height, self.width))
+        boxes = pp.mask_boxes(masks).tolist()
+        rles = pp.rle_encode_many(masks.cpu().numpy())
+        areas = masks.flatten(1).sum(dim=1).tolist()
+        return [
+            {"object_id": int(i), "score": float(s), "box": b, "area": int(a), "rle": r}
+            for i, s, b, a, r in zip(ids, scores, boxes, areas, rles)
+        ]
+
+    def _text_frame(self, out) -> FrameResult:
+        hidden = set(out.suppressed_obj_ids or ()) | set(self._hf.hotstart_removed_obj_ids) | self._hf.removed_obj_ids
+        ids = [i for i in sorted(out.obj_id_to_mask) if i not in hidden]
+        if not ids:
+            return FrameResult(out.frame_idx)
+        logits = torch.cat([out.obj_id_to_mask[i] for i in ids], dim=0)
+        objects = self._objects(ids, logits, [float(out.obj_id_to_score[i]) for i in ids])
+        return FrameResult(out.frame_idx, [o for o in objects if o["area"] > 0])
+
+    def _tracker_frame(self, out) -> FrameResult:
+        ids = list(out.object_ids)
+        scores = out.object_score_logits.float().sigmoid().flatten().tolist()
+        return FrameResult(out.frame_idx, self._objects(ids, out.pred_masks[:, 0], scores))
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,100 @@
+"""MediaStore: byte, entry and TTL bounds, LRU order, unguessable ids, thread safety."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from serve_app.errors import PayloadTooLarge
+from serve_app.media import MediaStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_put_get_round_trip_keeps_type_and_owner():
+    store = MediaStore(max_bytes=1024, ttl_s=60)
+    media_id = store.put(b"png-bytes", "image/png", "tenant-a")
+    item = store.get(media_id)
+    assert (item.data, item.content_type, item.owner) == (b"png-bytes", "image/png", "tenant-a")
+    assert store.get("unknown") is None
+
+
+def test_ids_are_long_random_and_distinct():
+    store = MediaStore(max_bytes=10**6, ttl_s=60)
+    ids = {store.put(b"x", "image/png", "t") for _ in range(500)}
+    assert len(ids) == 500
+    assert all(len(i) >= 32 and i.replace("-", "").replace("_", "").isalnum() for i in ids)
+
+
+def test_entries_expire_after_ttl():
+    clock = Clock()
+    store = MediaStore(max_bytes=1024, ttl_s=10, clock=clock)
+    media_id = store.put(b"abc", "image/png", "t")
+    clock.now += 9.5
+    assert store.get(media_id) is not None and store.remaining_s(store.get(media_id)) == pytest.approx(0.5)
+    clock.now += 0.5
+    assert store.get(media_id) is None
+    assert store.stats()["entries"] == 0 and store.stats()["bytes"] == 0
+
+
+def test_byte_bound_evicts_least_recently_used():
+    store = MediaStore(max_bytes=30, ttl_s=60)
+    a, b, c = (store.put(bytes(10), "image/png", "t") for _ in range(3))
+    assert store.get(a) is not None  # a is now the most recently used
+    d = store.put(bytes(10), "image/png", "t")
+    assert store.get(b) is None, "b was least recently used"
+    assert all(store.get(i) is not None for i in (a, c, d))
+    assert store.stats()["bytes"] == 30 and store.stats()["evicted"] == 1
+
+
+def test_entry_bound_evicts_oldest():
+    store = MediaStore(max_bytes=10**6, ttl_s=60, max_entries=2)
+    a, b, c = (store.put(b"x", "image/png", "t") for _ in range(3))
+    assert store.get(a) is None and store.get(b) is not None and store.get(c) is not None
+
+
+def test_expired_entries_go_before_live_ones():
+    clock = Clock()
+    store = MediaStore(max_bytes=20, ttl_s=10, clock=clock)
+    old = store.put(bytes(10), "image/png", "t")
+    clock.now += 5
+    live = store.put(bytes(10), "image/png", "t")
+    clock.now += 6  # old expired, live has 4 s left
+    store.put(bytes(10), "image/png", "t")
+    assert store.get(old) is None and store.get(live) is not None
+
+
+def test_a_file_larger_than_the_store_is_refused_with_the_knob_named():
+    store = MediaStore(max_bytes=10, ttl_s=60)
+    kept = store.put(bytes(5), "image/png", "t")
+    with pytest.raises(PayloadTooLarge, match="SAM3_MEDIA_MAX_BYTES"):
+        store.put(bytes(11), "image/png", "t")
+    assert store.get(kept) is not None, "a refused file evicts nothing"
+
+
+def test_concurrent_puts_and_gets_keep_the_byte_count_exact():
+    store = MediaStore(max_bytes=5000, ttl_s=60)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(300):
+                store.get(store.put(bytes(7), "image/png", "t"))
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    stats = store.stats()
+    assert stats["bytes"] == 7 * stats["entries"] <= 5000
