@@ -7,6 +7,7 @@ from ray.serve import Application
 from deployments.decoder import Decoder
 from deployments.encoder import ImageEncoder
 from deployments.ingress import Ingress
+from deployments.video import VideoSessions
 from serve_app.config import Config
 
 
@@ -28,11 +29,12 @@ def build_app(config: Config) -> Application:
         max_ongoing_requests=8,
         **_scaling(config, config.decoder_replicas),
     ).bind(config)
+    sessions = VideoSessions.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
     return Ingress.options(
         ray_actor_options={"num_cpus": config.num_cpus},
         max_ongoing_requests=256,
         **_scaling(config, config.ingress_replicas),
-    ).bind(encoder, decoder, config)
+    ).bind(encoder, decoder, config, sessions)
 
 
 def app_builder(args: dict) -> Application:

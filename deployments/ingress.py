@@ -15,9 +15,10 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.config import Config
 from serve_app.errors import GatewayTimeout, Sam3Error, ServiceUnavailable, TooManyRequests
 from serve_app.http import install_body_limit, install_error_handlers
-from serve_app.protocols import hf_space, native, oxen, roboflow, segmind
+from serve_app.protocols import hf_space, native, oxen, roboflow, segmind, video
 from serve_app.service import EmbeddingLost, SegmentService, set_service
 from serve_app.types import Prompt, SegmentParams, SegmentResult
+from serve_app.video.backend import set_video_backend
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ app = FastAPI(title="sam3-serve", version="0.1.0", description=DESCRIPTION)
 install_error_handlers(app)
 _limits = {"max_request_bytes": Config.model_fields["max_request_bytes"].default}
 install_body_limit(app, lambda: _limits["max_request_bytes"])
-for _provider in (native, oxen, segmind, roboflow, hf_space):
+for _provider in (native, oxen, segmind, roboflow, hf_space, video):
     app.include_router(_provider.router)
 
 
@@ -81,11 +82,33 @@ class RayGraph:
         return self._embedding_bytes
 
 
+class RayVideoBackend:
+    """Sessions through the VideoSessions deployment; session calls go straight to the session's actor."""
+
+    def __init__(self, sessions: DeploymentHandle) -> None:
+        self.sessions = sessions
+
+    async def create(self, owner, data, frames, fps) -> dict:
+        return await self.sessions.create.remote(owner, data, frames, fps)
+
+    async def call(self, session_id: str, owner: str, method: str, *args):
+        from deployments.video import call_session
+
+        return await call_session(self.sessions, session_id, owner, method, *args)
+
+    async def close(self, session_id: str, owner: str) -> dict:
+        return await self.sessions.close.remote(session_id, owner)
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: Config) -> None:
+    def __init__(
+        self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: Config, sessions: DeploymentHandle | None = None
+    ) -> None:
         self.config = config
+        if sessions is not None:
+            set_video_backend(RayVideoBackend(sessions))
         self.encoder, self.decoder = encoder, decoder
         self.service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s))
         set_service(self.service)

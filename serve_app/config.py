@@ -63,6 +63,12 @@ class Config(BaseModel):
     )
     media_ttl_s: float = Field(3600.0, gt=0, description="Seconds a generated file's URL stays valid.")
 
+    # Video sessions
+    video_max_sessions: int = Field(8, ge=1, description="Open video sessions at once (over it: 429).")
+    video_session_ttl_s: float = Field(600.0, gt=0, description="A session idle this long is closed.")
+    video_num_gpus: float = Field(0.0, ge=0, description="GPU fraction of each session's tracker actor.")
+    video_max_objects: int = Field(32, ge=1, description="Objects one session may track.")
+
     # Serve graph
     encoder_max_batch_size: int = Field(8, ge=1)
     encoder_batch_wait_timeout_s: float = Field(0.01, ge=0)

@@ -45,6 +45,10 @@ def _describe(errors: list[dict]) -> tuple[str, list[dict]]:
     return text, details
 
 
+def validation_error_message(errors: list[dict]) -> str:
+    return _describe(errors)[0]
+
+
 def validation_error(exc: RequestValidationError) -> Sam3Error:
     errors = list(exc.errors())
     if any(err.get("type") == "json_invalid" for err in errors):

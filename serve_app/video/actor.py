@@ -1,0 +1,118 @@
+"""The state one session actor holds: decoded frames, a VideoSession, and a propagation cursor the caller pulls."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import numpy as np
+
+from serve_app.config import Config
+from serve_app.engine import ImageEngine
+from serve_app.errors import BadRequest
+from serve_app.models import load_bundle
+from serve_app.video.io import Video, VideoLimits, decode_video, frames_from_images, render_masks_video
+from serve_app.video.session import FrameResult, VideoSession
+
+
+def _rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class SessionState:
+    """Everything behind one session id. Pull-based propagation: nothing runs ahead of the reader."""
+
+    def __init__(self, config: Config, engine: ImageEngine | None = None) -> None:
+        self.config = config
+        self.engine = engine or ImageEngine(load_bundle(config))
+        self.session: VideoSession | None = None
+        self.video: Video | None = None
+        self._cursor: Iterator[FrameResult] | None = None
+        self.frames_propagated = 0
+        self.last_used = time.monotonic()
+
+    def load(self, data: bytes | None, frames: list[np.ndarray] | None, fps: float | None) -> dict:
+        limits = VideoLimits.from_config(self.config)
+        if data is not None:
+            self.video = decode_video(data, limits)
+        elif frames:
+            self.video = frames_from_images(frames, fps or 25.0, limits=limits)
+        else:
+            raise BadRequest("give a video (bytes, base64 or URL) or a list of frames")
+        self.session = VideoSession(self.engine, self.video.frames, self.video.fps, self.config.video_max_objects)
+        return self.info()
+
+    def info(self) -> dict:
+        session = self._session()
+        return {
+            "num_frames": session.num_frames, "fps": session.fps, "width": session.width, "height": session.height,
+            "mode": session.mode, "texts": list(session.texts), "frames_propagated": self.frames_propagated,
+            "rss_bytes": _rss_bytes(),
+        }
+
+    def _session(self) -> VideoSession:
+        if self.session is None:
+            raise BadRequest("the session has no video")
+        self.last_used = time.monotonic()
+        return self.session
+
+    def add_text(self, frame_index: int, text: str) -> dict:
+        session = self._session()
+        session.check_frame(frame_index)
+        return {"prompt_id": session.add_text(text), "frame_index": frame_index, "objects": []}
+
+    def add_clicks(self, frame_index: int, object_id: int, points: list, labels: list, box: list | None) -> dict:
+        return asdict(self._session().add_clicks(frame_index, object_id, points, labels, box))
+
+    def remove_object(self, object_id: int) -> None:
+        self._session().remove_object(object_id)
+        self._cursor = None
+
+    def reset(self) -> None:
+        self._session().reset()
+        self._cursor = None
+
+    def start_propagation(self, direction: str, start_frame: int | None, max_frames: int | None) -> None:
+        generator = self._session().propagate(direction, start_frame, max_frames)
+        first = next(generator, None)  # surfaces bad arguments now, as a 4xx, not mid-stream
+        self._cursor = _prepend(first, generator) if first is not None else iter(())
+
+    def next_frames(self, count: int = 1) -> list[dict] | None:
+        """Up to `count` more frames of the current propagation; None once it is finished."""
+        self._session()
+        if self._cursor is None:
+            return None
+        out = []
+        for result in self._cursor:
+            self.frames_propagated += 1
+            out.append(asdict(result))
+            if len(out) >= count:
+                return out
+        self._cursor = None
+        return out or None
+
+    def render(self, text: str, apply_mask: bool) -> bytes:
+        """Track every instance of `text` through the whole video and return it as H.264 mp4 with masks."""
+        session = self._session()
+        session.reset()
+        session.add_text(text)
+        per_frame: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(session.num_frames)]
+        from serve_app.codecs import rle_decode
+
+        for result in session.propagate("forward", 0, None):
+            self.frames_propagated += 1
+            per_frame[result.frame_index] = [(o["object_id"], rle_decode(o["rle"])) for o in result.objects]
+        return render_masks_video(self.video, per_frame, apply_mask=apply_mask)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session, self.video, self._cursor = None, None, None
+
+
+def _prepend(first: FrameResult, rest: Iterator[FrameResult]) -> Iterator[FrameResult]:
+    yield first
+    yield from rest
