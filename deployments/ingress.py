@@ -18,6 +18,7 @@ from serve_app.http import install_body_limit, install_error_handlers
 from serve_app.protocols import hf_space, native, oxen, roboflow, segmind, video
 from serve_app.service import EmbeddingLost, SegmentService, set_service
 from serve_app.types import Prompt, SegmentParams, SegmentResult
+from serve_app.video.actor import rss_bytes
 from serve_app.video.backend import set_video_backend
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class Ingress:
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: Config, sessions: DeploymentHandle | None = None
     ) -> None:
         self.config = config
+        self.sessions = sessions
         if sessions is not None:
             set_video_backend(RayVideoBackend(sessions))
         self.encoder, self.decoder = encoder, decoder
@@ -136,4 +138,8 @@ class Ingress:
         """Encoder batching, decoder counters and this ingress replica's caches (Ray metrics cover all replicas)."""
         encoder = await _await(self.encoder.get_stats.remote(), 10.0)
         decoder = await _await(self.decoder.get_stats.remote(), 10.0)
-        return {"model": self.config.model, "encoder": encoder, "decoder": decoder, **self.service.stats()}
+        video = await _await(self.sessions.stats.remote(), 10.0) if self.sessions is not None else None
+        return {
+            "model": self.config.model, "encoder": encoder, "decoder": decoder, "video": video,
+            "ingress_rss_bytes": rss_bytes(), **self.service.stats(),
+        }

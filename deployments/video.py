@@ -12,7 +12,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from serve_app.config import Config
 from serve_app.errors import Gone, Sam3Error
-from serve_app.video.actor import SessionState
+from serve_app.video.actor import SessionState, rss_bytes
 from serve_app.video.registry import SessionRegistry
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ class VideoSessions:
             await self._stop(record.handle)
         return {"session_id": session_id, "closed": True}
 
-    async def count(self) -> int:
-        return len(self.registry)
+    async def stats(self) -> dict:
+        return {"open_sessions": len(self.registry), "max_sessions": self.config.video_max_sessions,
+                "rss_bytes": rss_bytes()}
 
     async def _stop(self, actor: ray.actor.ActorHandle) -> None:
         try:

@@ -19,6 +19,7 @@ from serve_app.roi_align import install_roi_align_fallback
 logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
+FULL_RANDOM = "full-random"  # facebook/sam3's architecture with random weights: benchmarks without a download
 TINY_SEED = 0
 TINY_INIT_RANGE = 0.15  # at the default 0.02, tiny mask logits are ~1e-3 and every pixel sits on the threshold
 TINY_PRESENCE_BIAS = 3.0
@@ -224,7 +225,7 @@ def _load_error(name: str, exc: Exception) -> ModelLoadError:
 
 def probe_model(name: str) -> None:
     """Cheap start-up check (config only): the model exists, is reachable and is a sam3_video checkpoint."""
-    if name == TINY_RANDOM:
+    if name in (TINY_RANDOM, FULL_RANDOM):
         return
     from transformers import AutoConfig
 
@@ -262,6 +263,12 @@ def _load_video_model(name: str, dtype: torch.dtype):
 
     if name == TINY_RANDOM:
         return build_tiny_random().to(dtype)
+    if name == FULL_RANDOM:
+        from transformers import Sam3VideoConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            return Sam3VideoModel(Sam3VideoConfig()).to(dtype).eval()
     probe_model(name)
     try:
         model = Sam3VideoModel.from_pretrained(_resolve_source(name), dtype=dtype)
@@ -283,7 +290,7 @@ def _own_storage(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _load_tokenizer(name: str, vocab_size: int):
-    if name == TINY_RANDOM:
+    if name in (TINY_RANDOM, FULL_RANDOM):
         return HashTokenizer(vocab_size)
     local = Path(name).expanduser()
     marker = local / HASH_TOKENIZER_FILE

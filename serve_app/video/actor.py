@@ -17,7 +17,7 @@ from serve_app.video.io import Video, VideoLimits, decode_video, frames_from_ima
 from serve_app.video.session import FrameResult, VideoSession
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -50,7 +50,7 @@ class SessionState:
         return {
             "num_frames": session.num_frames, "fps": session.fps, "width": session.width, "height": session.height,
             "mode": session.mode, "texts": list(session.texts), "frames_propagated": self.frames_propagated,
-            "rss_bytes": _rss_bytes(),
+            "rss_bytes": rss_bytes(), "pid": os.getpid(),
         }
 
     def _session(self) -> VideoSession:

@@ -147,6 +147,11 @@ class VideoSession:
             coords, labels = [[x0 * sx, y0 * sy], [x1 * sx, y1 * sy], *coords], [2, 3, *labels]
         session = self._hf
         obj_idx = session.obj_id_to_idx(object_id)
+        # A click on a frame this object was already tracked through is a correction: make that frame a
+        # conditioning frame (as SAM2's add_all_frames_to_correct_as_cond does); otherwise the next
+        # propagation recomputes it from memory and drops the clicks.
+        session.frames_tracked_per_obj[obj_idx].pop(entry.frame_index, None)
+        session.output_dict_per_obj[obj_idx]["non_cond_frame_outputs"].pop(entry.frame_index, None)
         point_coords = torch.tensor(coords, dtype=torch.float32).reshape(1, 1, -1, 2)
         point_labels = torch.tensor(labels, dtype=torch.int32).reshape(1, 1, -1)
         session.add_point_inputs(obj_idx, entry.frame_index, {"point_coords": point_coords, "point_labels": point_labels})

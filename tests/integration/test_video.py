@@ -1,0 +1,261 @@
+"""Video sessions through the Serve app over real HTTP: tracking, refinement, streaming, isolation, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from serve_app.codecs import rle_decode
+from serve_app.config import Config
+from tests.integration.conftest import API_KEY, OTHER_KEY, deploy
+from tests.videos import write_video
+
+H, W, FRAMES = 96, 128, 12
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def video_url(serve_instance) -> str:
+    config = Config(api_keys=[API_KEY, OTHER_KEY], video_max_sessions=3, video_max_frames=60)
+    return deploy("video", config, serve_instance)
+
+
+@pytest.fixture(scope="module")
+def clip() -> bytes:
+    return write_video(FRAMES, H, W, fps=10)
+
+
+def start(url: str, video: bytes, headers: dict = AUTH) -> requests.Response:
+    return requests.post(
+        f"{url}/v1/video/sessions", data=video, headers={**headers, "Content-Type": "video/mp4"}, timeout=120
+    )
+
+
+@pytest.fixture
+def session(video_url, clip):
+    response = start(video_url, clip)
+    assert response.status_code == 201, response.text
+    sid = response.json()["session_id"]
+    yield sid
+    requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
+
+
+def prompt(url: str, sid: str, body: dict, headers: dict = AUTH) -> requests.Response:
+    return requests.post(f"{url}/v1/video/sessions/{sid}/prompts", json=body, headers=headers, timeout=120)
+
+
+def propagate(url: str, sid: str, **body) -> list[tuple[float, dict]]:
+    """(arrival time, line) for every streamed line."""
+    started, out = time.perf_counter(), []
+    with requests.post(f"{url}/v1/video/sessions/{sid}/propagate", json=body, headers=AUTH, stream=True, timeout=300) as r:
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        for line in r.iter_lines():
+            out.append((time.perf_counter() - started, json.loads(line)))
+    assert out[-1][1] == {"done": True, "frames": len(out) - 1}
+    return out
+
+
+def frames_of(lines: list[tuple[float, dict]]) -> list[dict]:
+    return [line for _, line in lines if "frame_index" in line]
+
+
+def masks(frame: dict) -> dict[int, np.ndarray]:
+    found = {}
+    for obj in frame["objects"]:
+        mask = rle_decode(obj["mask"])
+        assert mask.shape == (H, W)
+        found[obj["object_id"]] = mask
+    return found
+
+
+def test_text_prompt_tracks_every_frame_and_streams(video_url, session):
+    info = requests.get(f"{video_url}/v1/video/sessions/{session}", headers=AUTH, timeout=30).json()
+    assert (info["num_frames"], info["width"], info["height"]) == (FRAMES, W, H)
+    assert prompt(video_url, session, {"frame_index": 0, "text": "bright square"}).status_code == 200
+    lines = propagate(video_url, session, direction="forward")
+    frames = frames_of(lines)
+    assert [f["frame_index"] for f in frames] == list(range(FRAMES))
+    assert any(f["objects"] for f in frames), "text tracking found nothing on any frame"
+    for frame in frames:
+        masks(frame)
+    first_at, done_at = lines[0][0], lines[-1][0]
+    assert first_at < done_at / 2, f"first frame at {first_at:.2f}s of {done_at:.2f}s: not streamed"
+
+
+def test_sse_stream(video_url, session):
+    prompt(video_url, session, {"text": "circle"})
+    headers = {**AUTH, "Accept": "text/event-stream"}
+    with requests.post(f"{video_url}/v1/video/sessions/{session}/propagate", json={"max_frames": 3},
+                       headers=headers, stream=True, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = r.text
+    events = [block for block in text.split("\n\n") if block]
+    assert [e.split("\n")[0] for e in events] == ["event: frame"] * 4 + ["event: done"]
+    assert json.loads(events[0].split("data: ", 1)[1])["frame_index"] == 0
+
+
+def test_point_prompt_refined_on_a_later_frame(video_url, session):
+    first = prompt(video_url, session, {"frame_index": 0, "object_id": 1, "points": [[30, 45]], "point_labels": [1]})
+    assert first.status_code == 200, first.text
+    assert first.json()["frame_index"] == 0 and 1 in masks(first.json())
+    before = {f["frame_index"]: masks(f).get(1) for f in frames_of(propagate(video_url, session))}
+    assert sorted(before) == list(range(FRAMES))
+    refined = prompt(video_url, session, {"frame_index": 8, "object_id": 1, "points": [[90, 45], [10, 10]],
+                                          "point_labels": [1, 0]})
+    assert refined.status_code == 200, refined.text
+    refined_mask = masks(refined.json())[1]
+    after = {f["frame_index"]: masks(f).get(1) for f in frames_of(propagate(video_url, session))}
+    assert np.array_equal(after[8], refined_mask), "frame 8 now follows the refinement"
+    assert not np.array_equal(before[8], after[8]), "the refinement changed the track"
+
+
+def test_box_prompt_and_remove_object(video_url, session):
+    assert prompt(video_url, session, {"object_id": 1, "points": [[30, 45]]}).status_code == 200
+    assert prompt(video_url, session, {"object_id": 2, "box": [60, 10, 120, 60]}).status_code == 200
+    ids = {o for f in frames_of(propagate(video_url, session)) for o in masks(f)}
+    assert ids == {1, 2}
+    removed = requests.delete(f"{video_url}/v1/video/sessions/{session}/objects/2", headers=AUTH, timeout=60)
+    assert removed.status_code == 200
+    ids = {o for f in frames_of(propagate(video_url, session)) for o in masks(f)}
+    assert ids == {1}
+    missing = requests.delete(f"{video_url}/v1/video/sessions/{session}/objects/2", headers=AUTH, timeout=60)
+    assert missing.status_code == 404
+
+
+def test_backward_and_both_directions(video_url, session):
+    prompt(video_url, session, {"frame_index": 6, "object_id": 3, "points": [[60, 45]]})
+    backward = [f["frame_index"] for f in frames_of(propagate(video_url, session, direction="backward", start_frame=6))]
+    assert backward == list(range(6, -1, -1))
+    both = [f["frame_index"] for f in frames_of(propagate(video_url, session, direction="both", start_frame=6))]
+    assert both == list(range(6, FRAMES)) + list(range(5, -1, -1))
+    limited = frames_of(propagate(video_url, session, direction="forward", start_frame=6, max_frames=2))
+    assert [f["frame_index"] for f in limited] == [6, 7, 8]
+
+
+def test_reset_forgets_prompts(video_url, session):
+    prompt(video_url, session, {"object_id": 1, "points": [[30, 45]]})
+    assert requests.post(f"{video_url}/v1/video/sessions/{session}/reset", headers=AUTH, timeout=60).status_code == 200
+    response = requests.post(f"{video_url}/v1/video/sessions/{session}/propagate", json={}, headers=AUTH, timeout=60)
+    assert response.status_code == 400 and "add a prompt" in response.json()["error"]["message"]
+    assert prompt(video_url, session, {"text": "square"}).status_code == 200  # text is allowed after a reset
+
+
+def test_disconnect_stops_propagation(video_url):
+    long = start(video_url, write_video(40, H, W, fps=10))
+    sid = long.json()["session_id"]
+    try:
+        prompt(video_url, sid, {"text": "square"})
+        with requests.post(f"{video_url}/v1/video/sessions/{sid}/propagate", json={}, headers=AUTH,
+                           stream=True, timeout=120) as r:
+            lines = r.iter_lines()
+            next(lines), next(lines)  # two frames, then hang up
+        time.sleep(2.0)
+        info = requests.get(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=30).json()
+        assert info["frames_propagated"] < 10, f"{info['frames_propagated']} frames computed after a hang-up"
+        assert len(frames_of(propagate(video_url, sid, max_frames=2))) == 3, "the session still works"
+    finally:
+        requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
+
+
+def test_close_is_idempotent_and_frees_the_session(video_url, clip):
+    sid = start(video_url, clip).json()["session_id"]
+    for _ in range(2):
+        closed = requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
+        assert closed.status_code == 200 and closed.json()["closed"] is True
+    assert requests.get(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=30).status_code == 404
+
+
+def test_another_keys_session_is_not_found(video_url, session):
+    for response in (
+        requests.get(f"{video_url}/v1/video/sessions/{session}", headers=OTHER, timeout=30),
+        prompt(video_url, session, {"text": "square"}, headers=OTHER),
+        requests.delete(f"{video_url}/v1/video/sessions/{session}", headers=OTHER, timeout=30),
+    ):
+        assert response.status_code == 404, response.text
+    assert requests.get(f"{video_url}/v1/video/sessions/{session}", headers=AUTH, timeout=30).status_code == 200
+
+
+def test_killed_actor_gives_410_while_another_session_works(video_url, clip):
+    a, b = (start(video_url, clip).json()["session_id"] for _ in range(2))
+    try:
+        pid = requests.get(f"{video_url}/v1/video/sessions/{a}", headers=AUTH, timeout=30).json()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)
+        gone = prompt(video_url, a, {"text": "square"})
+        assert gone.status_code == 410 and "died" in gone.json()["error"]["message"], gone.text
+        assert prompt(video_url, b, {"text": "square"}).status_code == 200
+        assert len(frames_of(propagate(video_url, b, max_frames=1))) == 2
+        assert requests.get(f"{video_url}/v1/video/sessions/{a}", headers=AUTH, timeout=30).status_code == 404
+    finally:
+        for sid in (a, b):
+            requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
+
+
+def test_session_cap_gives_429(video_url, clip):
+    opened = []
+    try:
+        for _ in range(3):
+            response = start(video_url, clip)
+            assert response.status_code == 201
+            opened.append(response.json()["session_id"])
+        over = start(video_url, clip)
+        assert over.status_code == 429 and "SAM3_VIDEO_MAX_SESSIONS" in over.json()["error"]["message"]
+    finally:
+        for sid in opened:
+            requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
+    assert start_and_close(video_url, clip), "closing frees places under the cap"
+
+
+def start_and_close(url: str, clip: bytes) -> bool:
+    response = start(url, clip)
+    if response.status_code != 201:
+        return False
+    return requests.delete(f"{url}/v1/video/sessions/{response.json()['session_id']}", headers=AUTH, timeout=60).ok
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "code", "words"),
+    [
+        pytest.param(lambda clip: os.urandom(4000), 400, "invalid_video", ["video"], id="not-a-video"),
+        pytest.param(lambda clip: clip[: len(clip) // 2], 400, "invalid_video", ["truncated"], id="truncated"),
+        pytest.param(lambda clip: write_video(70, H, W), 413, "payload_too_large", ["SAM3_VIDEO_MAX_FRAMES"],
+                     id="too-many-frames"),
+        pytest.param(lambda clip: b"", 400, "invalid_video", [], id="empty"),
+    ],
+)
+def test_bad_videos(video_url, clip, make, status, code, words):
+    response = start(video_url, make(clip))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and all(w in error["message"] for w in words), error
+    assert requests.get(f"{video_url}/v1/stats", timeout=30).json()["video"]["open_sessions"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        pytest.param({"frame_index": 99, "text": "square"}, 400, ["frame index 99", "12 frames"], id="frame-range"),
+        pytest.param({"frame_index": 0, "points": [[500, 5]], "object_id": 1}, 400, ["outside"], id="point-outside"),
+        pytest.param({"points": [[5, 5]]}, 400, ["object_id"], id="clicks-without-object-id"),
+        pytest.param({"text": "a", "points": [[5, 5]], "object_id": 1}, 400, ["either text"], id="text-and-points"),
+        pytest.param({"frame_index": -1, "text": "x"}, 422, ["frame_index"], id="negative-frame"),
+        pytest.param({"text": 5}, 422, ["text"], id="text-wrong-type"),
+    ],
+)
+def test_bad_prompts(video_url, session, body, status, words):
+    response = prompt(video_url, session, body)
+    assert response.status_code == status, response.text
+    assert all(w in response.json()["error"]["message"] for w in words), response.text
+
+
+def test_unknown_session_and_missing_key(video_url, clip):
+    assert prompt(video_url, "no-such-session", {"text": "x"}).status_code == 404
+    assert start(video_url, clip, headers={}).status_code == 401
