@@ -7,6 +7,7 @@ from ray.serve import Application
 from deployments.decoder import Decoder
 from deployments.encoder import ImageEncoder
 from deployments.ingress import Ingress
+from deployments.jobs import JobRunner, JobStore
 from deployments.video import VideoSessions
 from serve_app.config import Config
 
@@ -30,11 +31,15 @@ def build_app(config: Config) -> Application:
         **_scaling(config, config.decoder_replicas),
     ).bind(config)
     sessions = VideoSessions.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
+    jobs = JobStore.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
+    runner = JobRunner.options(
+        ray_actor_options={"num_cpus": config.num_cpus}, num_replicas=config.jobs_runner_replicas
+    ).bind(encoder, decoder, sessions, jobs, config)
     return Ingress.options(
         ray_actor_options={"num_cpus": config.num_cpus},
         max_ongoing_requests=256,
         **_scaling(config, config.ingress_replicas),
-    ).bind(encoder, decoder, config, sessions)
+    ).bind(encoder, decoder, config, sessions, jobs, runner)
 
 
 def app_builder(args: dict) -> Application:

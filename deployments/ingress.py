@@ -15,7 +15,8 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.config import Config
 from serve_app.errors import GatewayTimeout, Sam3Error, ServiceUnavailable, TooManyRequests
 from serve_app.http import install_body_limit, install_error_handlers
-from serve_app.protocols import hf_space, native, oxen, roboflow, segmind, video
+from serve_app.job_backend import set_job_backend
+from serve_app.protocols import hf_space, native, oxen, oxen_queue, oxen_video, roboflow, segmind, video
 from serve_app.service import EmbeddingLost, SegmentService, set_service
 from serve_app.types import Prompt, SegmentParams, SegmentResult
 from serve_app.video.actor import rss_bytes
@@ -30,7 +31,7 @@ app = FastAPI(title="sam3-serve", version="0.1.0", description=DESCRIPTION)
 install_error_handlers(app)
 _limits = {"max_request_bytes": Config.model_fields["max_request_bytes"].default}
 install_body_limit(app, lambda: _limits["max_request_bytes"])
-for _provider in (native, oxen, segmind, roboflow, hf_space, video):
+for _provider in (native, oxen, oxen_video, oxen_queue, segmind, roboflow, hf_space, video):
     app.include_router(_provider.router)
 
 
@@ -105,12 +106,17 @@ class RayVideoBackend:
 @serve.ingress(app)
 class Ingress:
     def __init__(
-        self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: Config, sessions: DeploymentHandle | None = None
+        self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: Config, sessions: DeploymentHandle | None = None,
+        jobs: DeploymentHandle | None = None, job_runner: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
         if sessions is not None:
             set_video_backend(RayVideoBackend(sessions))
+        if jobs is not None:  # job_runner is bound only so that it is deployed: it pulls its work from `jobs`
+            from deployments.jobs import RayJobBackend
+
+            set_job_backend(RayJobBackend(jobs))
         self.encoder, self.decoder = encoder, decoder
         self.service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s))
         set_service(self.service)

@@ -12,6 +12,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from serve_app.config import Config
 from serve_app.errors import Gone, Sam3Error
+from serve_app.models import built_in_code, load_video_model
 from serve_app.video.actor import SessionState, rss_bytes
 from serve_app.video.registry import SessionRegistry
 
@@ -23,8 +24,8 @@ SWEEP_EVERY_S = 5.0
 class SessionActor:
     """A thin Ray shell around SessionState; each method is one call of the session API."""
 
-    def __init__(self, config: Config) -> None:
-        self.state = SessionState(config)
+    def __init__(self, config: Config, video_model=None) -> None:
+        self.state = SessionState(config, video_model=video_model)
 
     def call(self, method: str, *args):
         return getattr(self.state, method)(*args)
@@ -48,12 +49,14 @@ class VideoSessions:
             config.video_max_sessions, config.video_session_ttl_s
         )
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
+        # Models built in code take seconds to build and a fraction of that to unpickle: build once, share.
+        self._model_ref = ray.put(load_video_model(config)) if built_in_code(config.model) else None
 
     async def create(self, owner: str, data: bytes | None, frames: list[np.ndarray] | None, fps: float | None) -> dict:
         session_id = self.registry.reserve()
         actor = SessionActor.options(
             num_gpus=self.config.video_num_gpus, num_cpus=self.config.num_cpus
-        ).remote(self.config)
+        ).remote(self.config, self._model_ref)
         try:
             info = await actor.call.remote("load", data, frames, fps)
         except Exception as exc:  # noqa: BLE001 - a bad video must free its place and its actor

@@ -69,6 +69,21 @@ class Config(BaseModel):
     video_num_gpus: float = Field(0.0, ge=0, description="GPU fraction of each session's tracker actor.")
     video_max_objects: int = Field(32, ge=1, description="Objects one session may track.")
 
+    # Async queue (Oxen /api/ai/queue, /api/events): one JobStore, JobRunner replicas run the jobs
+    jobs_max: int = Field(10_000, ge=1, description="Job records held (all keys); finished ones are dropped first.")
+    jobs_max_queued_per_key: int = Field(32, ge=1, description="Queued + running jobs of one API key (over it: 429).")
+    jobs_ttl_s: float = Field(3600.0, gt=0, description="Seconds a finished job (and its events) is kept.")
+    jobs_timeout_s: float = Field(1800.0, gt=0, description="Longest a job may run before it is failed.")
+    jobs_heartbeat_timeout_s: float = Field(
+        15.0, gt=0, description="A running job whose worker sent no heartbeat for this long is failed."
+    )
+    jobs_concurrency: int = Field(2, ge=1, description="Jobs one JobRunner replica runs at once.")
+    jobs_runner_replicas: int = Field(1, ge=1, description="JobRunner replicas.")
+    jobs_events_replay_s: float = Field(
+        300.0, ge=0, description="A new /api/events connection first replays the caller's events this recent."
+    )
+    jobs_sse_ping_s: float = Field(15.0, gt=0, description="Seconds between `: ping` keep-alives on /api/events.")
+
     # Serve graph
     encoder_max_batch_size: int = Field(8, ge=1)
     encoder_batch_wait_timeout_s: float = Field(0.01, ge=0)

@@ -16,6 +16,11 @@ MAX_ENTRIES = 10_000  # guards against many tiny files; the byte bound (SAM3_MED
 ID_BYTES = 24  # secrets.token_urlsafe(24): 32 characters, 192 random bits
 
 
+def new_media_id() -> str:
+    """An unguessable id: 192 random bits, URL-safe."""
+    return secrets.token_urlsafe(ID_BYTES)
+
+
 @dataclass(frozen=True)
 class MediaItem:
     """One stored file. `owner` is the tenant that generated it (kept for accounting, not checked on read)."""
@@ -42,17 +47,21 @@ class MediaStore:
         self._lock = threading.Lock()
         self._evicted = 0
 
-    def put(self, data: bytes, content_type: str, owner: str) -> str:
-        """Store a file; returns its new id. Evicts expired entries, then the least recently used."""
+    def put(self, data: bytes, content_type: str, owner: str, media_id: str | None = None) -> str:
+        """Store a file; returns its id (new, or `media_id`: one minted elsewhere with new_media_id()).
+
+        Evicts expired entries, then the least recently used."""
         if len(data) > self.max_bytes:
             raise PayloadTooLarge(
                 f"the generated file is {len(data)} bytes, more than the media store holds ({self.max_bytes} bytes, "
                 "SAM3_MEDIA_MAX_BYTES); use response_format=b64_json or a smaller image"
             )
-        media_id = secrets.token_urlsafe(ID_BYTES)
+        media_id = media_id or new_media_id()
         with self._lock:
             now = self._clock()
             self._drop_expired(now)
+            if media_id in self._items:  # the same id stored again replaces the file
+                self._bytes -= len(self._items.pop(media_id).data)
             while self._items and (self._bytes + len(data) > self.max_bytes or len(self._items) >= self.max_entries):
                 _, old = self._items.popitem(last=False)
                 self._bytes -= len(old.data)

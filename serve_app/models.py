@@ -305,11 +305,21 @@ def _load_tokenizer(name: str, vocab_size: int):
         raise ModelLoadError(f"could not load the tokenizer of SAM3 model {name!r}: {exc}") from exc
 
 
-def load_bundle(config: Config) -> ModelBundle:
-    """Load the configured model once, on the configured device, in eval mode."""
+def built_in_code(name: str) -> bool:
+    """Models built from a config in code (no files): slow to build, cheap to copy to another process."""
+    return name in (TINY_RANDOM, FULL_RANDOM)
+
+
+def load_video_model(config: Config) -> torch.nn.Module:
+    """The Sam3VideoModel alone, on the CPU in the configured dtype (to ship to other processes)."""
+    return _load_video_model(config.model, resolve_device(config)[1]).eval()
+
+
+def load_bundle(config: Config, video: torch.nn.Module | None = None) -> ModelBundle:
+    """Load the configured model once (or adopt `video`, an already loaded copy) on the configured device."""
     install_roi_align_fallback()
     device, dtype = resolve_device(config)
-    video = _load_video_model(config.model, dtype).eval()
+    video = (video if video is not None else _load_video_model(config.model, dtype)).eval()
     tokenizer = _load_tokenizer(config.model, video.config.detector_config.text_config.vocab_size)
     tracker = assemble_image_tracker(video)
     video_tracker = assemble_video_tracker(video)

@@ -19,6 +19,7 @@ from serve_app.auth import bearer
 from serve_app.config import Config
 from serve_app.errors import NotFound, Sam3Error
 from serve_app.http import register_error_shape
+from serve_app.job_backend import queued_media
 from serve_app.media import MediaStore, media_store
 from serve_app.service import SegmentService, get_service
 from serve_app.types import (
@@ -215,6 +216,10 @@ def model_object(config: Config) -> ModelObject:
     )
 
 
+# every Oxen model this server answers for: id -> its model object (oxen_video adds sam-3-video)
+MODEL_OBJECTS: dict[str, Callable[[Config], ModelObject]] = {MODEL_ID: model_object}
+
+
 def error_body(exc: Sam3Error) -> dict:
     """Oxen's error shape: {"status": "error", "status_message": <code>, "status_description": <message>, "error"}."""
     code = {"not_found": "resource_not_found", "internal_error": "internal_server_error"}.get(exc.code, exc.code)
@@ -253,8 +258,8 @@ async def images_edit(
 
 @router.get("/api/ai/models", response_model=ModelList)
 async def list_models(_: str = Depends(oxen_tenant), service: SegmentService = Depends(get_service)) -> ModelList:
-    """The models this server answers for (one)."""
-    return ModelList(data=[model_object(service.config)])
+    """The models this server answers for."""
+    return ModelList(data=[build(service.config) for build in MODEL_OBJECTS.values()])
 
 
 @router.get("/api/ai/models/{model_id}", response_model=ModelObject)
@@ -262,18 +267,19 @@ async def get_model(
     model_id: str, _: str = Depends(oxen_tenant), service: SegmentService = Depends(get_service)
 ) -> ModelObject:
     """The model object, with the JSON Schema of its request parameters."""
-    check_model(model_id)
-    return model_object(service.config)
+    if model_id not in MODEL_OBJECTS:
+        raise NotFound(f"Model not found: {model_id} (this server serves {', '.join(MODEL_OBJECTS)})")
+    return MODEL_OBJECTS[model_id](service.config)
 
 
 @router.get(
     "/api/media/{media_id}", name="oxen_media", response_class=Response,
-    responses={200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "The file."}},
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "video/mp4": {}}, "description": "The file."}},
 )
 async def get_media(media_id: str, service: SegmentService = Depends(get_service)) -> Response:
     """A generated file. No auth: the id is an unguessable capability, like a signed URL, until it expires."""
     store = media_store(service.config)
-    item = store.get(media_id)
+    item = store.get(media_id) or await queued_media(media_id)
     if item is None:
         raise NotFound("media not found: the id is unknown, or the file expired or was evicted (SAM3_MEDIA_TTL_S)")
     headers = {"Cache-Control": f"private, max-age={int(store.remaining_s(item))}", "X-Content-Type-Options": "nosniff"}

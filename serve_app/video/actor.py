@@ -25,9 +25,9 @@ def rss_bytes() -> int:
 class SessionState:
     """Everything behind one session id. Pull-based propagation: nothing runs ahead of the reader."""
 
-    def __init__(self, config: Config, engine: ImageEngine | None = None) -> None:
+    def __init__(self, config: Config, engine: ImageEngine | None = None, video_model=None) -> None:
         self.config = config
-        self.engine = engine or ImageEngine(load_bundle(config))
+        self.engine = engine or ImageEngine(load_bundle(config, video_model))
         self.session: VideoSession | None = None
         self.video: Video | None = None
         self._cursor: Iterator[FrameResult] | None = None

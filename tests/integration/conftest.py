@@ -76,7 +76,8 @@ API_KEY, OTHER_KEY = "test-key", "other-key"
 
 @pytest.fixture(scope="session")
 def image_server():
-    """Real HTTP on 127.0.0.1: /img/<seed>.<png|jpg|webp|gif>?h=&w= (generated images), /redirect?to=<url>."""
+    """Real HTTP on 127.0.0.1: /img/<seed>.<png|jpg|webp|gif>?h=&w= (generated images), /redirect?to=<url>,
+    /video/<frames>.mp4 (tests.videos.write_video(frames, 96, 128))."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import parse_qs, urlparse
@@ -89,6 +90,11 @@ def image_server():
                 self.send_response(302)
                 self.send_header("Location", query["to"][0])
                 self.end_headers()
+                return
+            if url.path.startswith("/video/") and url.path.endswith(".mp4") and url.path[7:-4].isdigit():
+                from tests.videos import write_video  # /video/<frames>.mp4: the moving-shapes video, 96x128
+
+                self._send(write_video(int(url.path[7:-4]), 96, 128), "video/mp4")
                 return
             name = url.path.rsplit("/", 1)[-1]
             seed, _, ext = name.partition(".")
@@ -106,6 +112,13 @@ def image_server():
             self.end_headers()
             self.wfile.write(body)
 
+        def _send(self, body: bytes, content_type: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def log_message(self, *args):
             pass
 
@@ -119,7 +132,8 @@ def image_server():
 @pytest.fixture(scope="session")
 def providers_url(serve_instance) -> str:
     """The graph with API keys on (API_KEY, OTHER_KEY) and 127.0.0.1 allow-listed for image URLs."""
-    config = Config(api_keys=[API_KEY, OTHER_KEY], url_allowlist=["127.0.0.1"], encoder_batch_wait_timeout_s=0.01)
+    config = Config(api_keys=[API_KEY, OTHER_KEY], url_allowlist=["127.0.0.1"], encoder_batch_wait_timeout_s=0.01,
+                    jobs_sse_ping_s=1.0)  # /api/events keep-alives every second, so tests see them quickly
     return deploy("providers", config, serve_instance)
 
 

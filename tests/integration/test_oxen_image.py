@@ -254,7 +254,7 @@ def test_model_object_has_a_generated_request_schema(providers_url):
 
 def test_model_list(providers_url):
     listing = ok(requests.get(providers_url + "/api/ai/models", headers=headers(), timeout=30))
-    assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == ["sam-3-image"]
+    assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == ["sam-3-image", "sam-3-video"]
 
 
 def test_unknown_model_id_is_404(providers_url):

@@ -259,3 +259,50 @@ def test_bad_prompts(video_url, session, body, status, words):
 def test_unknown_session_and_missing_key(video_url, clip):
     assert prompt(video_url, "no-such-session", {"text": "x"}).status_code == 404
     assert start(video_url, clip, headers={}).status_code == 401
+
+
+def _node_used_bytes() -> int:
+    info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
+
+
+def _serve_rss(url: str) -> tuple[int, int]:
+    stats = requests.get(f"{url}/v1/stats", timeout=30).json()
+    return stats["ingress_rss_bytes"], stats["video"]["rss_bytes"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return open(f"/proc/{pid}/stat").read().split()[2] != "Z"  # a zombie has exited
+
+
+def test_fifty_sessions_return_memory(video_url, clip):
+    for _ in range(3):  # warm-up: first sessions allocate caches and code paths
+        assert start_and_close(video_url, clip)
+    time.sleep(2.0)
+    ingress0, sessions0 = _serve_rss(video_url)
+    node0 = _node_used_bytes()
+    pids = []
+    for i in range(50):
+        response = start(video_url, clip)
+        assert response.status_code == 201, f"session {i}: {response.text}"
+        sid = response.json()["session_id"]
+        assert prompt(video_url, sid, {"text": "square"}).status_code == 200
+        pids.append(requests.get(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=30).json()["pid"])
+        assert requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60).ok
+    time.sleep(3.0)
+    ingress1, sessions1 = _serve_rss(video_url)
+    node1 = _node_used_bytes()
+    mib = 1024 * 1024
+    print(
+        f"\n50 sessions opened and closed: ingress RSS {ingress0 / mib:.0f} -> {ingress1 / mib:.0f} MiB, "
+        f"VideoSessions RSS {sessions0 / mib:.0f} -> {sessions1 / mib:.0f} MiB, "
+        f"node used {node0 / mib:.0f} -> {node1 / mib:.0f} MiB ({(node1 - node0) / node0:+.1%})"
+    )
+    assert len(set(pids)) == 50, "one actor process per session"
+    assert not [pid for pid in pids if _alive(pid)], "every closed session's actor process has exited"
+    assert requests.get(f"{video_url}/v1/stats", timeout=30).json()["video"]["open_sessions"] == 0
+    assert ingress1 <= ingress0 * 1.10 and sessions1 <= sessions0 * 1.10

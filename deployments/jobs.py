@@ -1,0 +1,174 @@
+"""The async queue on Ray Serve: JobStore (one replica: records, events, files), JobRunner (workers), and the
+ingress' RayJobBackend. The logic is serve_app/jobs.py and serve_app/job_worker.py; these are thin shells."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+import ray
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.ingress import RayGraph, RayVideoBackend, _await
+from serve_app.config import Config
+from serve_app.errors import Sam3Error
+from serve_app.job_worker import Worker
+from serve_app.jobs import JobBook, JobLimits, JobStoreCore, Outcome
+from serve_app.media import MediaItem, MediaStore
+from serve_app.protocols.oxen_queue import OxenJobs
+from serve_app.service import SegmentService
+
+logger = logging.getLogger(__name__)
+SWEEP_EVERY_S = 1.0
+EPOCHS_KEPT = 64
+
+
+def _remember_epoch(epoch: str) -> list[str]:
+    """Record this store's epoch in the GCS key-value store (it outlives the replica); returns the earlier ones."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+
+        key = f"sam3:jobs:epochs:{serve.get_replica_context().app_name}".encode()
+        earlier = [e for e in (_internal_kv_get(key) or b"").decode().split(",") if e]
+        _internal_kv_put(key, ",".join([*earlier, epoch][-EPOCHS_KEPT:]).encode(), overwrite=True)
+        return earlier
+    except Exception as exc:  # noqa: BLE001 - without it, ids of a dead store are plain 404s
+        logger.warning("could not record the job store epoch: %s", exc)
+        return []
+
+
+@serve.deployment(name="JobStore", num_replicas=1, max_ongoing_requests=4096)
+class JobStore:
+    """The one source of truth for jobs. Its watchdog fails jobs whose worker stopped heartbeating."""
+
+    def __init__(self, config: Config) -> None:
+        epoch = secrets.token_hex(4)
+        book = JobBook(JobLimits.from_config(config), epoch=epoch, previous_epochs=_remember_epoch(epoch))
+        self.core = JobStoreCore(book, MediaStore(config.media_max_bytes, config.media_ttl_s))
+        self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            for job_id in self.core.book.sweep():
+                logger.warning("generation %s failed by the watchdog", job_id)
+
+    async def submit(self, tenant: str, model: str, kind: str, request: dict, media_base: str, count: int) -> list:
+        return self.core.book.submit(tenant, model, kind, request, media_base, count)
+
+    async def get(self, tenant: str, job_id: str) -> dict:
+        return self.core.book.get(tenant, job_id)
+
+    async def active(self, tenant: str, model: str | None) -> list[dict]:
+        return self.core.book.active(tenant, model)
+
+    async def cancel(self, tenant: str, job_id: str) -> dict:
+        return self.core.book.cancel(tenant, job_id)
+
+    async def events(self, tenant: str, cursor: str | None, wait_s: float) -> dict:
+        return await self.core.events(tenant, cursor, wait_s)
+
+    async def media(self, media_id: str) -> tuple | None:
+        return self.core.get_media(media_id)
+
+    async def claim(self, worker: str, wait_s: float) -> dict | None:
+        return await self.core.claim(worker, wait_s)
+
+    async def heartbeat(self, job_id: str, worker: str) -> bool:
+        return self.core.book.heartbeat(job_id, worker)
+
+    async def finish(self, job_id: str, worker: str, outcome: Outcome) -> bool:
+        return self.core.finish(job_id, worker, outcome)
+
+    async def release(self, worker: str) -> int:
+        return self.core.book.release(worker)
+
+    async def stats(self) -> dict:
+        return self.core.book.stats()
+
+
+class StoreQueue:
+    """The JobStore handle as serve_app.job_worker.JobQueue."""
+
+    def __init__(self, store: DeploymentHandle) -> None:
+        self.store = store
+
+    async def claim(self, worker: str, wait_s: float) -> dict | None:
+        return await self.store.claim.remote(worker, wait_s)
+
+    async def heartbeat(self, job_id: str, worker: str) -> bool:
+        return await self.store.heartbeat.remote(job_id, worker)
+
+    async def finish(self, job_id: str, worker: str, outcome: Outcome) -> bool:
+        return await self.store.finish.remote(job_id, worker, outcome)
+
+    async def release(self, worker: str) -> int:
+        return await self.store.release.remote(worker)
+
+
+@serve.deployment(name="JobRunner")
+class JobRunner:
+    """Runs queued Oxen jobs through the same encoder/decoder graph and video sessions as the ingress."""
+
+    def __init__(
+        self, encoder: DeploymentHandle, decoder: DeploymentHandle, sessions: DeploymentHandle,
+        store: DeploymentHandle, config: Config,
+    ) -> None:
+        service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s))
+        worker_id = ray.get_runtime_context().get_actor_name() or ray.get_runtime_context().get_actor_id()
+        self.worker = Worker(
+            StoreQueue(store), OxenJobs(service, RayVideoBackend(sessions)), worker_id,
+            concurrency=config.jobs_concurrency, heartbeat_s=max(0.2, config.jobs_heartbeat_timeout_s / 5),
+        )
+        self.worker.start()
+
+    async def stats(self) -> dict:
+        return self.worker.stats()
+
+    async def __del__(self) -> None:
+        """Graceful shutdown (redeploy, downscale): running jobs go back to the queue for another replica."""
+        await self.worker.stop()
+
+    def ready(self) -> bool:
+        return True
+
+
+class RayJobBackend:
+    """The ingress' serve_app.job_backend.JobBackend: JobStore calls with a deadline and Ray errors mapped."""
+
+    def __init__(self, store: DeploymentHandle, timeout_s: float = 30.0) -> None:
+        self.store, self.timeout_s = store, timeout_s
+
+    async def _call(self, method: str, *args, wait_s: float = 0.0):
+        try:
+            return await _await(getattr(self.store, method).remote(*args), self.timeout_s + wait_s)
+        except RayTaskError as exc:  # a store-side Sam3Error (404, 409, 429) arrives wrapped
+            if isinstance(exc.cause, Sam3Error):
+                raise exc.cause from None
+            raise
+
+    async def submit(self, tenant, model, kind, request, media_base, count) -> list[dict]:
+        return await self._call("submit", tenant, model, kind, request, media_base, count)
+
+    async def get(self, tenant: str, job_id: str) -> dict:
+        return await self._call("get", tenant, job_id)
+
+    async def active(self, tenant: str, model: str | None) -> list[dict]:
+        return await self._call("active", tenant, model)
+
+    async def cancel(self, tenant: str, job_id: str) -> dict:
+        return await self._call("cancel", tenant, job_id)
+
+    async def events(self, tenant: str, cursor: str | None, wait_s: float) -> dict:
+        return await self._call("events", tenant, cursor, wait_s, wait_s=wait_s)
+
+    async def media(self, media_id: str) -> MediaItem | None:
+        found = await self._call("media", media_id)
+        if found is None:
+            return None
+        data, content_type, owner, remaining_s = found
+        return MediaItem(data, content_type, owner, time.monotonic() + remaining_s)

@@ -1,0 +1,445 @@
+"""Video benchmark: text-prompt tracking frames/s, VideoSession.propagate in-process (the baseline) vs the Serve graph.
+
+    python load_tests/bench_video.py [--model tiny-random|full-random|DIR] [--device auto|cpu|cuda] [--frames 32]
+        [--size 240x320] [--concurrency 1,4] [--video-gpus 0.2] [--threads 1] [--skip-http] [--json out.json]
+
+One generated moving-shapes mp4 (tests/videos.py), decoded once with decode_video and tracked from frame 0 with one
+text prompt. Each HTTP session is its own tracker actor: POST /v1/video/sessions (raw mp4), POST .../prompts, POST
+.../propagate (NDJSON, one line per frame), DELETE. Sessions of one level are created and prompted, then propagate
+together. Prints frames, wall seconds, aggregate and per-session frames/s, p50/p99 of the gap between consecutive
+frames, time to first frame, session start time and frames/s relative to the in-process baseline. Figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # tests.videos, when run as `python load_tests/bench_video.py`
+
+WARMUP_FRAMES = 4  # frames propagated by the warm-up session (in-process and over HTTP), not counted
+SHOWN_ERRORS = 5  # error messages printed per phase; every error is counted
+ENCODER_DECODER_GPUS = 0.05  # the image path idles here; on CUDA its replicas still need a slice to load the model
+
+
+@dataclass
+class SessionRun:
+    """One session's timings (seconds unless named _ms); error is the first thing that went wrong, if anything."""
+
+    start_s: float | None = None  # create: actor + model load + decode (HTTP); decode + VideoSession (in-process)
+    prompt_s: float | None = None
+    ttff_s: float | None = None  # propagate request sent -> first frame line
+    propagate_s: float | None = None  # propagate request sent -> last frame line
+    close_s: float | None = None
+    frames: int = 0
+    objects: int = 0
+    gaps_ms: list[float] = field(default_factory=list)  # between consecutive frame lines
+    rss_bytes: int | None = None
+    error: str | None = None
+    t_propagate_end: float | None = None
+
+
+@dataclass
+class Phase:
+    """Sessions run together at one concurrency level; track_s runs from their common propagate start to the last frame."""
+
+    name: str
+    concurrency: int
+    expected_frames: int
+    wall_s: float = 0.0
+    track_s: float = 0.0
+    runs: list[SessionRun] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # errors outside any session (Serve did not start...)
+
+    def all_errors(self) -> list[str]:
+        return self.errors + [r.error for r in self.runs if r.error]
+
+    def fps(self) -> float:
+        frames = sum(r.frames for r in self.runs)
+        return frames / self.track_s if self.track_s > 0 else 0.0
+
+    def summary(self, baseline_fps: float | None) -> dict:
+        frames = sum(r.frames for r in self.runs)
+        gaps = np.asarray([g for r in self.runs for g in r.gaps_ms])
+        per_session = [r.frames / r.propagate_s for r in self.runs if r.frames and r.propagate_s]
+        mean = lambda xs, k=1.0: round(float(np.mean(xs)) * k, 3) if xs else None  # noqa: E731
+        pick = lambda name: [getattr(r, name) for r in self.runs if getattr(r, name) is not None]  # noqa: E731
+        fps = self.fps()
+        return {
+            "phase": self.name, "concurrency": self.concurrency, "sessions": len(self.runs),
+            "ok": sum(1 for r in self.runs if r.error is None and r.frames == self.expected_frames),
+            "errors": len(self.all_errors()), "frames": frames, "wall_s": round(self.wall_s, 3),
+            "track_s": round(self.track_s, 3), "aggregate_fps": round(fps, 3),
+            "per_session_fps": mean(per_session), "per_session_fps_each": [round(v, 3) for v in per_session],
+            "p50_frame_ms": round(float(np.percentile(gaps, 50)), 2) if gaps.size else None,
+            "p99_frame_ms": round(float(np.percentile(gaps, 99)), 2) if gaps.size else None,
+            "ttff_ms": mean(pick("ttff_s"), 1000), "ttff_ms_each": [round(v * 1000, 1) for v in pick("ttff_s")],
+            "session_start_ms": mean(pick("start_s"), 1000),
+            "session_start_ms_each": [round(v * 1000, 1) for v in pick("start_s")],
+            "prompt_ms": mean(pick("prompt_s"), 1000), "close_ms": mean(pick("close_s"), 1000),
+            "objects_per_frame": round(sum(r.objects for r in self.runs) / frames, 2) if frames else None,
+            "session_rss_mb": mean(pick("rss_bytes"), 1 / 2**20),
+            "vs_in_process": round(fps / baseline_fps, 3) if baseline_fps else None,
+        }
+
+
+def make_video(args: argparse.Namespace) -> bytes:
+    from tests.videos import write_video
+
+    return write_video(args.frames, args.height, args.width, fps=args.fps, fmt="mp4")
+
+
+# ---- (a) in-process baseline ---------------------------------------------------------------------------
+
+
+def track_in_process(engine, frames: list[np.ndarray], fps: float, phrase: str, max_frames: int | None,
+                     run: SessionRun) -> None:
+    """One VideoSession from construction to close, timed as the HTTP client times its session."""
+    from serve_app.video.session import VideoSession
+
+    t0 = time.perf_counter()
+    session = VideoSession(engine, frames, fps)
+    t1 = time.perf_counter()
+    session.add_text(phrase)
+    t2 = time.perf_counter()
+    run.prompt_s, last = t2 - t1, t2
+    run.start_s = (run.start_s or 0.0) + (t1 - t0)
+    for result in session.propagate("forward", 0, max_frames):
+        now = time.perf_counter()
+        if run.frames == 0:
+            run.ttff_s = now - t2
+        else:
+            run.gaps_ms.append((now - last) * 1000)
+        run.frames, run.objects, last = run.frames + 1, run.objects + len(result.objects), now
+    run.propagate_s, run.t_propagate_end = last - t2, last
+    t3 = time.perf_counter()
+    session.close()
+    run.close_s = time.perf_counter() - t3
+
+
+def run_in_process(args: argparse.Namespace, video: bytes) -> tuple[Phase, dict]:
+    """Decode the same mp4 the server gets, warm up on a few frames, then track every frame once."""
+    import torch
+
+    from serve_app.config import Config
+    from serve_app.engine import ImageEngine
+    from serve_app.models import load_bundle
+    from serve_app.video.io import VideoLimits, decode_video
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    info: dict = {"device": args.device, "torch_threads_in_process": torch.get_num_threads()}
+    phase, engine = Phase("in-process", 1, args.frames), None
+    try:
+        t0 = time.perf_counter()
+        engine = ImageEngine(load_bundle(Config(model=args.model, device=args.device)))
+        info.update(device=str(engine.device), dtype=str(engine.dtype).replace("torch.", ""),
+                    model_input_side=engine.bundle.image_size, model_load_s=round(time.perf_counter() - t0, 1))
+        decoded = decode_video(video, VideoLimits())
+        phase.expected_frames = decoded.num_frames
+        track_in_process(engine, decoded.frames, decoded.fps, args.phrase, WARMUP_FRAMES, SessionRun())
+        run = SessionRun()
+        phase.runs.append(run)
+        start = time.perf_counter()  # a session start decodes the upload: so does this one
+        decoded = decode_video(video, VideoLimits())
+        run.start_s = time.perf_counter() - start
+        track_in_process(engine, decoded.frames, decoded.fps, args.phrase, None, run)
+        phase.wall_s = time.perf_counter() - start
+        phase.track_s = run.propagate_s or 0.0
+        if run.frames != phase.expected_frames:
+            run.error = f"short propagation: {run.frames} of {phase.expected_frames} frames"
+    except Exception as exc:  # noqa: BLE001 - a failure is a figure, not the end of the run
+        phase.errors.append(f"{type(exc).__name__}: {exc}")
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return phase, info
+
+
+# ---- (b) the Serve graph over HTTP ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_torch_threads() -> int | None:
+    """torch threads in a Ray worker that asks for 0 CPUs, as the session actors do (Ray sets OMP_NUM_THREADS)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def threads() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    try:
+        return ray.get(threads.remote(), timeout=60)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def start_serve(args: argparse.Namespace, info: dict) -> str:
+    """Ray with every core and visible GPU, Serve's proxy on a free loopback port, build_app(Config) as the root app."""
+    import ray
+    import torch
+    from ray import serve
+
+    from deployments.app import build_app
+    from serve_app.config import Config
+
+    cuda = info["device"].startswith("cuda")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    info["video_gpus"] = args.video_gpus if args.video_gpus is not None else (0.2 if cuda else 0.0)
+    side = ENCODER_DECODER_GPUS if cuda else 0.0
+    wanted = info["video_gpus"] * max(args.concurrency) + 2 * side
+    if cuda and wanted > gpus:
+        print(f"  warning: {max(args.concurrency)} sessions x {info['video_gpus']} GPU + {2 * side} for the image path "
+              f"= {wanted:.2f} GPUs, {gpus} visible: sessions beyond that wait for a GPU slice", flush=True)
+    config = Config(
+        model=args.model, device=args.device, num_cpus=0, video_num_gpus=info["video_gpus"],
+        encoder_num_gpus=side, decoder_num_gpus=side, video_max_sessions=max(8, max(args.concurrency) + 1),
+        request_timeout_s=args.request_timeout_s,
+    )
+    port = free_port()
+    ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": config.request_timeout_s})
+    serve.run(build_app(config), name="bench-video", route_prefix="/")
+    info["torch_threads_in_ray_workers"] = worker_torch_threads()
+    return f"http://127.0.0.1:{port}"
+
+
+def _http_error(response) -> str:
+    return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def stream_frames(client, url: str, session_id: str, max_frames: int | None, run: SessionRun) -> None:
+    """POST propagate and time each NDJSON frame line as it arrives; an in-band error or a short stream is an error."""
+    body = {"direction": "forward", "start_frame": 0, "max_frames": max_frames}
+    t0 = last = time.perf_counter()
+    done = False
+    with client.stream("POST", f"{url}/v1/video/sessions/{session_id}/propagate", json=body) as response:
+        if response.status_code != 200:
+            response.read()
+            run.error = _http_error(response)
+            return
+        for line in response.iter_lines():
+            if not line.strip():
+                continue
+            now, message = time.perf_counter(), json.loads(line)
+            if "error" in message:
+                run.error = f"in-band error after {run.frames} frames: {message['error']}"
+                return
+            if message.get("done"):
+                done = True
+                break
+            if run.frames == 0:
+                run.ttff_s = now - t0
+            else:
+                run.gaps_ms.append((now - last) * 1000)
+            run.frames, run.objects, last = run.frames + 1, run.objects + len(message.get("objects", [])), now
+    run.propagate_s, run.t_propagate_end = last - t0, last
+    if not done:
+        run.error = f"the stream ended after {run.frames} frames without its done line"
+
+
+def http_session(url: str, video: bytes, phrase: str, max_frames: int | None, expected: int | None, run: SessionRun,
+                 barrier: threading.Barrier | None, timeout_s: float) -> None:
+    """Create, prompt, (wait for the others), propagate, close; every failure lands in run.error, never raised."""
+    import httpx
+
+    session_id, arrived = None, False
+    with httpx.Client(timeout=timeout_s) as client:
+        try:
+            t0 = time.perf_counter()
+            response = client.post(f"{url}/v1/video/sessions", content=video, headers={"content-type": "video/mp4"})
+            run.start_s = time.perf_counter() - t0
+            if response.status_code != 201:
+                raise RuntimeError(f"create: {_http_error(response)}")
+            created = response.json()
+            session_id, run.rss_bytes = created["session_id"], created.get("rss_bytes")
+            t0 = time.perf_counter()
+            response = client.post(f"{url}/v1/video/sessions/{session_id}/prompts", json={"frame_index": 0, "text": phrase})
+            run.prompt_s = time.perf_counter() - t0
+            if response.status_code != 200:
+                raise RuntimeError(f"prompt: {_http_error(response)}")
+            arrived = _arrive(barrier)
+            stream_frames(client, url, session_id, max_frames, run)
+            if run.error is None and expected is not None and run.frames != expected:
+                run.error = f"short stream: {run.frames} of {expected} frames"
+        except Exception as exc:  # noqa: BLE001 - counted, never fatal
+            run.error = run.error or f"{type(exc).__name__}: {exc}"
+        finally:
+            if not arrived:
+                _arrive(barrier)  # a failed session must not hold the others back
+            if session_id is not None:
+                _close(client, url, session_id, run)
+
+
+def _arrive(barrier: threading.Barrier | None) -> bool:
+    if barrier is not None:
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            pass
+    return True
+
+
+def _close(client, url: str, session_id: str, run: SessionRun) -> None:
+    try:
+        t0 = time.perf_counter()
+        response = client.delete(f"{url}/v1/video/sessions/{session_id}")
+        run.close_s = time.perf_counter() - t0
+        if response.status_code != 200:
+            run.error = run.error or f"close: {_http_error(response)}"
+    except Exception as exc:  # noqa: BLE001
+        run.error = run.error or f"close: {type(exc).__name__}: {exc}"
+
+
+def run_level(url: str, video: bytes, phase: Phase, args: argparse.Namespace, max_frames: int | None = None) -> None:
+    """`concurrency` sessions at once, one client thread each; propagation starts when all are prompted."""
+    marks: dict[str, float] = {}
+    barrier = threading.Barrier(phase.concurrency, action=lambda: marks.setdefault("go", time.perf_counter()),
+                                timeout=args.request_timeout_s)
+    expected = None if max_frames else phase.expected_frames  # warm-up: the count is not checked
+    phase.runs = [SessionRun() for _ in range(phase.concurrency)]
+    threads = [threading.Thread(target=http_session, daemon=True, args=(
+        url, video, args.phrase, max_frames, expected, run, barrier, args.request_timeout_s)) for run in phase.runs]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    phase.wall_s = time.perf_counter() - start
+    ends = [r.t_propagate_end for r in phase.runs if r.t_propagate_end is not None]
+    phase.track_s = max(ends) - marks.get("go", start) if ends else 0.0
+
+
+def run_http(args: argparse.Namespace, video: bytes, info: dict, expected: int) -> list[Phase]:
+    """Warm-up session (not counted), then each concurrency level in turn on fresh sessions."""
+    phases = [Phase("http", c, expected) for c in args.concurrency]
+    try:
+        url = start_serve(args, info)
+    except Exception as exc:  # noqa: BLE001
+        for phase in phases:
+            phase.errors.append(f"Serve did not start: {type(exc).__name__}: {exc}")
+        return phases
+    warm = Phase("warm-up", 1, expected)
+    run_level(url, video, warm, args, max_frames=WARMUP_FRAMES)
+    if warm.all_errors():
+        print(f"  warm-up session failed: {warm.all_errors()[0]}", flush=True)
+    for phase in phases:
+        run_level(url, video, phase, args)
+        print(f"  http c={phase.concurrency}: {sum(r.frames for r in phase.runs)} frames, {len(phase.all_errors())} "
+              f"errors in {phase.wall_s:.1f} s", flush=True)
+    return phases
+
+
+def stop_serve() -> None:
+    try:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+
+
+def fmt(value, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], header: dict) -> None:
+    print("\n" + "  ".join(f"{k}={v}" for k, v in header.items()))
+    columns = (f"{'phase':<11}{'conc':>5}{'sess':>5}{'ok':>4}{'errs':>5}{'frames':>7}{'wall_s':>8}{'agg_fps':>9}"
+               f"{'sess_fps':>9}{'p50_ms':>9}{'p99_ms':>9}{'ttff_ms':>9}{'start_ms':>9}{'obj/fr':>7}{'rss_MB':>7}"
+               f"{'vs_inproc':>10}")
+    print(columns)
+    print("-" * len(columns))
+    for r in rows:
+        ratio = fmt(r["vs_in_process"], ".2f") + ("x" if r["vs_in_process"] is not None else "")
+        print(f"{r['phase']:<11}{r['concurrency']:>5}{r['sessions']:>5}{r['ok']:>4}{r['errors']:>5}{r['frames']:>7}"
+              f"{r['wall_s']:>8.2f}{r['aggregate_fps']:>9.2f}{fmt(r['per_session_fps'], '.2f'):>9}"
+              f"{fmt(r['p50_frame_ms'], '.1f'):>9}{fmt(r['p99_frame_ms'], '.1f'):>9}{fmt(r['ttff_ms'], '.0f'):>9}"
+              f"{fmt(r['session_start_ms'], '.0f'):>9}{fmt(r['objects_per_frame'], '.1f'):>7}"
+              f"{fmt(r['session_rss_mb'], '.0f'):>7}{ratio:>10}")
+
+
+def print_errors(phases: list[Phase]) -> None:
+    for phase in phases:
+        errors = phase.all_errors()
+        if errors:
+            print(f"\n{phase.name} c={phase.concurrency}: {len(errors)} errors, first {SHOWN_ERRORS}:")
+            for message in errors[:SHOWN_ERRORS]:
+                print(f"  {message}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-random", help="SAM3_MODEL: tiny-random, full-random, a hub id or a directory")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--frames", type=int, default=32, help="frames in the generated video")
+    p.add_argument("--size", default="240x320", help="HEIGHTxWIDTH of the generated video")
+    p.add_argument("--fps", type=int, default=10, help="frame rate written into the mp4")
+    p.add_argument("--concurrency", default="1,4", help="comma-separated concurrent session counts")
+    p.add_argument("--video-gpus", type=float, default=None,
+                   help="GPU fraction per session actor (default 0.2 on CUDA, else 0)")
+    p.add_argument("--phrase", default="a square", help="the text prompt tracked")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in-process (default 1, what Ray gives the 0-CPU session actors; 0 = torch's own)")
+    p.add_argument("--request-timeout-s", type=float, default=300.0, help="SAM3_REQUEST_TIMEOUT_S and client timeout")
+    p.add_argument("--skip-http", action="store_true", help="only the in-process baseline")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    args.height, args.width = (int(v) for v in args.size.lower().split("x"))
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    video = make_video(args)
+    print(f"in-process: {args.frames} frames at {args.size}, model {args.model} ...", flush=True)
+    baseline, info = run_in_process(args, video)
+    print(f"  in-process: {baseline.runs[0].frames if baseline.runs else 0} frames in {baseline.track_s:.1f} s",
+          flush=True)
+    phases: list[Phase] = []
+    if not args.skip_http:
+        print(f"http: starting Ray Serve, then concurrency {args.concurrency} ...", flush=True)
+        try:
+            phases = run_http(args, video, info, baseline.expected_frames)
+        finally:
+            stop_serve()
+    rows = [p.summary(baseline.fps() or None) for p in (baseline, *phases)]
+    header = {"model": args.model, **info, "video": f"{args.frames}x{args.size}", "mp4_bytes": len(video),
+              "phrase": args.phrase, "cpu_cores": os.cpu_count(), "total_s": round(time.perf_counter() - started, 1)}
+    print_errors([baseline, *phases])
+    print_table(rows, header)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"config": header, "results": rows}, handle, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
