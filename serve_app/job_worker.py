@@ -42,7 +42,8 @@ class Worker:
         heartbeat_s: float = 3.0, claim_wait_s: float = 5.0, retry_s: float = 1.0,
     ) -> None:
         self.queue, self.execute, self.worker_id = queue, execute, worker_id
-        self.concurrency, self.heartbeat_s, self.claim_wait_s, self.retry_s = concurrency, heartbeat_s, claim_wait_s, retry_s
+        self.concurrency, self.heartbeat_s = concurrency, heartbeat_s
+        self.claim_wait_s, self.retry_s = claim_wait_s, retry_s
         self.running: dict[str, asyncio.Task] = {}
         self.counts = {"succeeded": 0, "failed": 0, "stopped": 0}
         self._loops: list[asyncio.Task] = []

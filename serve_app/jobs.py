@@ -181,7 +181,8 @@ class JobBook:
             self._drop(next(iter(self._finished)))
         if len(self._jobs) + count > self.limits.max_jobs:
             raise TooManyRequests(
-                f"the queue holds {len(self._jobs)} generations, the most this server allows (SAM3_JOBS_MAX); retry later"
+                f"the queue holds {len(self._jobs)} generations, the most this server allows (SAM3_JOBS_MAX); "
+                "retry later"
             )
         echo = echo_params(request)
         jobs = [Job(self._new_id(), tenant, model, kind, dict(request), echo, media_base, self.wall())

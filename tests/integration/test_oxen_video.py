@@ -304,7 +304,8 @@ def _without(body: dict, key: str) -> dict:
 @pytest.mark.parametrize(
     "body,status,code,words",
     [
-        pytest.param(_without(VIDEO, "input_video"), 422, "validation_error", ("input_video", "required"), id="no-video"),
+        pytest.param(_without(VIDEO, "input_video"), 422, "validation_error", ("input_video", "required"),
+                     id="no-video"),
         pytest.param(_without(VIDEO, "prompt"), 422, "validation_error", ("prompt", "required"), id="no-prompt"),
         pytest.param(_without(VIDEO, "model"), 422, "validation_error", ("model", "required"), id="no-model"),
         pytest.param({**VIDEO, "apply_mask": "yes"}, 422, "validation_error", ("apply_mask",), id="mask-yes"),

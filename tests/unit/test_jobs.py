@@ -228,7 +228,8 @@ def test_a_job_running_past_the_timeout_fails():
         jobs.heartbeat(job_id, "w")
         jobs.sweep()
     view = jobs.get(A, job_id)
-    assert view["status"] == "failed" and view["error_code"] == "timeout" and "SAM3_JOBS_TIMEOUT_S" in view["error_message"]
+    assert view["status"] == "failed" and view["error_code"] == "timeout"
+    assert "SAM3_JOBS_TIMEOUT_S" in view["error_message"]
 
 
 def test_finished_jobs_and_their_events_expire():
@@ -380,8 +381,8 @@ def test_worker_runs_jobs_and_reports_results_and_errors():
         ok, bad, bug = (core.book.get(A, i) for i in ids)
         assert ok["status"] == "succeeded" and ok["result"] == {"prompt": "ok"}
         assert (bad["status"], bad["error_code"]) == ("failed", "invalid_image")
-        assert (bug["status"], bug["error_code"]) == ("failed", "internal_error") and "RuntimeError" in bug[
-            "error_message"]
+        assert (bug["status"], bug["error_code"]) == ("failed", "internal_error")
+        assert "RuntimeError" in bug["error_message"]
         assert worker.stats()["succeeded"] == 1 and worker.stats()["failed"] == 2
         await worker.stop()
 
