@@ -52,7 +52,7 @@ class SessionRun:
 
 @dataclass
 class Phase:
-    """Sessions run together at one concurrency level; track_s runs from their common propagate start to the last frame."""
+    """Sessions at one concurrency level; track_s runs from their common propagate start to the last frame line."""
 
     name: str
     concurrency: int
@@ -273,7 +273,8 @@ def http_session(url: str, video: bytes, phrase: str, max_frames: int | None, ex
             created = response.json()
             session_id, run.rss_bytes = created["session_id"], created.get("rss_bytes")
             t0 = time.perf_counter()
-            response = client.post(f"{url}/v1/video/sessions/{session_id}/prompts", json={"frame_index": 0, "text": phrase})
+            prompt = {"frame_index": 0, "text": phrase}
+            response = client.post(f"{url}/v1/video/sessions/{session_id}/prompts", json=prompt)
             run.prompt_s = time.perf_counter() - t0
             if response.status_code != 200:
                 raise RuntimeError(f"prompt: {_http_error(response)}")
@@ -394,7 +395,7 @@ def print_errors(phases: list[Phase]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny-random", help="SAM3_MODEL: tiny-random, full-random, a hub id or a directory")
+    p.add_argument("--model", default="tiny-random", help="tiny-random, full-random, a hub id or a directory")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--frames", type=int, default=32, help="frames in the generated video")
     p.add_argument("--size", default="240x320", help="HEIGHTxWIDTH of the generated video")
@@ -404,7 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GPU fraction per session actor (default 0.2 on CUDA, else 0)")
     p.add_argument("--phrase", default="a square", help="the text prompt tracked")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads in-process (default 1, what Ray gives the 0-CPU session actors; 0 = torch's own)")
+                   help="torch threads in-process (default 1: what Ray gives 0-CPU session actors; 0: torch's own)")
     p.add_argument("--request-timeout-s", type=float, default=300.0, help="SAM3_REQUEST_TIMEOUT_S and client timeout")
     p.add_argument("--skip-http", action="store_true", help="only the in-process baseline")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")

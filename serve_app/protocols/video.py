@@ -54,7 +54,11 @@ class PromptIn(_Strict):
 class PropagateIn(_Strict):
     direction: Literal["forward", "backward", "both"] = Field("forward", description="Which way to track.")
     start_frame: int | None = Field(None, ge=0, description="Default: 0 (text) or the first prompted frame.")
-    max_frames: int | None = Field(None, ge=1, description="Frames to track in each direction; default all.")
+    max_frames: int | None = Field(
+        None, ge=1,
+        description="Frames to track beyond start_frame in each direction (SAM's max_frame_num_to_track): "
+        "max_frames=2 from frame 6 gives frames 6, 7, 8. Default: to the end.",
+    )
     stream_format: Literal["ndjson", "sse"] | None = Field(
         None, description="ndjson (default) or sse; `Accept: text/event-stream` also selects sse."
     )
