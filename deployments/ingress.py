@@ -11,6 +11,7 @@ from ray import serve
 from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
+from ray.util import metrics
 
 from serve_app.config import Config
 from serve_app.errors import GatewayTimeout, Sam3Error, ServiceUnavailable, TooManyRequests
@@ -118,7 +119,13 @@ class Ingress:
 
             set_job_backend(RayJobBackend(jobs))
         self.encoder, self.decoder = encoder, decoder
-        self.service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s))
+        lookups = metrics.Counter(
+            "sam3_embedding_cache_lookups", description="Embedding cache lookups.", tag_keys=("result",)
+        )
+        self.service = SegmentService(
+            config, RayGraph(encoder, decoder, config.request_timeout_s),
+            on_cache=lambda hit: lookups.inc(tags={"result": "hit" if hit else "miss"}),
+        )
         set_service(self.service)
         _limits["max_request_bytes"] = config.max_request_bytes
         if not self.service.auth.enabled:

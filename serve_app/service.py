@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -56,9 +57,10 @@ class LocalGraph:
 class SegmentService:
     """One per ingress replica: image loading, the embedding and logits caches, auth, and the graph."""
 
-    def __init__(self, config: Config, graph: Graph) -> None:
+    def __init__(self, config: Config, graph: Graph, on_cache: Callable[[bool], None] | None = None) -> None:
         self.config = config
         self.graph = graph
+        self.on_cache = on_cache or (lambda hit: None)  # the ingress feeds Ray metrics from it
         self.loader = ImageLoader.from_config(config, UrlFetcher.from_config(config))
         self.auth = Authenticator(config.api_keys)
         self.embeddings = EmbeddingCache(config.embedding_cache_entries, config.embedding_cache_bytes)
@@ -74,6 +76,7 @@ class SegmentService:
         if image.image_id is not None and not need_pixels:
             hit = self.embeddings.get((tenant, image.image_id))
             if hit is not None:
+                self.on_cache(True)
                 return ResolvedImage(image.image_id, hit.height, hit.width, hit.embedding, cache_hit=True)
         if image.source is not None and not image.source.strip():
             raise InvalidImage("image is empty")
@@ -84,6 +87,7 @@ class SegmentService:
         data = await self.loader.load_bytes(image.source)
         key = image.image_id or image_digest(data)
         hit = self.embeddings.get((tenant, key))
+        self.on_cache(hit is not None)
         pixels = await asyncio.to_thread(self.loader.decode, data) if hit is None or need_pixels else None
         if hit is not None:
             return ResolvedImage(key, hit.height, hit.width, hit.embedding, pixels, cache_hit=True)
