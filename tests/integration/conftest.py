@@ -34,6 +34,13 @@ def serve_instance():
     ray.shutdown()
 
 
+def undeploy(name: str) -> None:
+    """Free a module's own application (its replicas hold a model each) once the module is done."""
+    from ray import serve
+
+    serve.delete(name)
+
+
 def deploy(name: str, config: Config, base_url: str) -> str:
     """Run `build_app(config)` as its own application under /<name>; returns its URL."""
     from ray import serve

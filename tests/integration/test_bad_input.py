@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import requests
 from PIL import Image
 
 from serve_app.config import Config
-from tests.integration.conftest import deploy, png_b64, random_image, segment
+from tests.integration.conftest import deploy, png_b64, random_image, segment, undeploy
 
 pytestmark = pytest.mark.integration
 
@@ -112,9 +113,10 @@ def test_png_declaring_20000x20000_pixels_is_refused_quickly(app_url: str) -> No
 
 
 @pytest.fixture(scope="module")
-def small_url(serve_instance: str) -> str:
+def small_url(serve_instance: str) -> Iterator[str]:
     """One extra app with a 10 000-pixel image limit and a 100 kB body limit."""
-    return deploy("smallpix", Config(max_image_pixels=10_000, max_request_bytes=100_000), serve_instance)
+    yield deploy("smallpix", Config(max_image_pixels=10_000, max_request_bytes=100_000), serve_instance)
+    undeploy("smallpix")
 
 
 def test_image_over_pixel_limit(small_url: str) -> None:

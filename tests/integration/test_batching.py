@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -9,7 +10,7 @@ import requests
 import pytest
 
 from serve_app.config import Config
-from tests.integration.conftest import deploy, png_b64, random_image, segment
+from tests.integration.conftest import deploy, png_b64, random_image, segment, undeploy
 
 TEXTS = ["cat", "dog", "red car", "tree", "person", "boat", "bird", "cup", "chair", "kite", "bus", "clock", "fox"]
 
@@ -22,10 +23,11 @@ def _body(i: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def nocache_url(serve_instance) -> str:
+def nocache_url(serve_instance) -> Iterator[str]:
     """The embedding cache off, so every request runs the encoder; a wide batch window."""
     config = Config(encoder_max_batch_size=16, encoder_batch_wait_timeout_s=0.2, embedding_cache_entries=0)
-    return deploy("nocache", config, serve_instance)
+    yield deploy("nocache", config, serve_instance)
+    undeploy("nocache")
 
 
 def _histogram(app_url: str) -> dict[int, int]:

@@ -12,7 +12,7 @@ import torch
 
 from serve_app.config import Config
 from serve_app.models import load_bundle, save_bundle
-from tests.integration.conftest import deploy, png_b64, random_image, segment
+from tests.integration.conftest import deploy, png_b64, random_image, segment, undeploy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,8 +51,11 @@ def test_saved_directory_serves_identical_results(serve_instance, app_url, saved
     from_tiny, from_dir = segment(app_url, body), segment(saved_url, body)
     assert from_tiny.status_code == from_dir.status_code == 200, from_dir.text
     strip = lambda r: [p["instances"] for p in r.json()["prompts"]]  # noqa: E731
-    assert strip(from_tiny) == strip(from_dir)
-    assert any(strip(from_dir)), "results must not be empty"
+    try:
+        assert strip(from_tiny) == strip(from_dir)
+        assert any(strip(from_dir)), "results must not be empty"
+    finally:
+        undeploy("saved")
 
 
 def _start(model: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:

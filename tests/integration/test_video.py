@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import requests
 
 from serve_app.codecs import rle_decode
 from serve_app.config import Config
-from tests.integration.conftest import API_KEY, OTHER_KEY, deploy
+from tests.integration.conftest import API_KEY, OTHER_KEY, deploy, undeploy
 from tests.videos import write_video
 
 H, W, FRAMES = 96, 128, 12
@@ -22,9 +23,10 @@ OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def video_url(serve_instance) -> str:
+def video_url(serve_instance) -> Iterator[str]:
     config = Config(api_keys=[API_KEY, OTHER_KEY], video_max_sessions=3, video_max_frames=60)
-    return deploy("video", config, serve_instance)
+    yield deploy("video", config, serve_instance)
+    undeploy("video")
 
 
 @pytest.fixture(scope="module")
