@@ -41,7 +41,10 @@ def _remember_epoch(epoch: str) -> list[str]:
         return []
 
 
-@serve.deployment(name="JobStore", num_replicas=1, max_ongoing_requests=4096)
+# long polls (claims, events) make every call an access-log line every few seconds: off
+@serve.deployment(
+    name="JobStore", num_replicas=1, max_ongoing_requests=4096, logging_config={"enable_access_log": False}
+)
 class JobStore:
     """The one source of truth for jobs. Its watchdog fails jobs whose worker stopped heartbeating."""
 

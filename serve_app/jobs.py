@@ -96,8 +96,9 @@ class Job:
 
     def view(self, with_result: bool = True) -> dict:
         """The generation as GET /api/ai/queue/{id} shows it (events carry it without `result`)."""
-        out: dict[str, Any] = {**self.echo, "generation_id": self.id, "model": self.model, "type": self.kind,
+        out: dict[str, Any] = {"generation_id": self.id, "model": self.model, "type": self.kind,
                                "status": self.status, "created": int(self.created)}
+        out.update((key, value) for key, value in self.echo.items() if key not in out)
         for key in ("started_at", "completed_at"):
             if getattr(self, key) is not None:
                 out[key] = int(getattr(self, key))

@@ -184,6 +184,12 @@ async def events(
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
 
+# Sent after each batch of events. Block-buffered line readers flush only on a full buffer: mawk (Debian's and
+# Ubuntu's awk, the page's `| awk` example) reads a pipe 4 KiB at a time, so without this an event could wait
+# there until keep-alives filled the buffer. A comment line: SSE clients and the awk ignore it.
+FLUSH_PAD = ":" + " " * 4096 + "\n\n"
+
+
 def sse_frame(event: dict) -> str:
     """One event; `data` is compact JSON on one line (`"generation_id":"<id>"`, no space after the colon)."""
     data = json.dumps(event["data"], separators=(",", ":"))
@@ -201,7 +207,7 @@ async def event_stream(jobs: JobBackend, tenant: str, cursor: str | None, ping_s
             await asyncio.sleep(min(ping_s, 1.0))
             continue
         cursor = batch["cursor"]
-        for event in batch["events"]:
-            yield sse_frame(event)
-        if not batch["events"]:
+        if batch["events"]:
+            yield "".join(sse_frame(event) for event in batch["events"]) + FLUSH_PAD
+        else:
             yield ": ping\n\n"

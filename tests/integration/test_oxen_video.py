@@ -5,9 +5,15 @@ isolation between API keys, a worker killed mid-job, and bad input in Oxen's err
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
+import shutil
+import signal
+import subprocess
 import time
+import uuid
 
 import av
 import pytest
@@ -218,6 +224,34 @@ def test_image_queue_and_sse_examples(providers_url, image_server):
         check_succeeded(status_of(providers_url, gen_id), gen_id, providers_url)
 
 
+PAGE_AWK = r"""
+/^event: media_generation_completed$/ { expect=1; next }
+/^data: / && expect {
+payload = substr($0, 7)
+if (index(payload, "\"generation_id\":\"" id "\"")) { print payload; exit }
+expect = 0
+}
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("awk")), reason="needs curl and awk")
+def test_the_page_sse_pipeline_runs_as_written_with_curl_and_the_system_awk(providers_url, video_url):
+    """`curl -sN .../api/events | awk -v id="$GEN_ID" '...'` verbatim, connected while the video job runs
+    (Debian's awk, mawk, reads a pipe 4 KiB at a time: the event must not wait in its buffer)."""
+    gen_id = enqueue(providers_url, seed_video_bodies(video_url)[0])
+    script = f'curl -sN -H "Authorization: Bearer $KEY" {providers_url}{EVENTS} | awk -v id="$GEN_ID" \'{PAGE_AWK}\''
+    env = {"PATH": os.environ["PATH"], "KEY": API_KEY, "GEN_ID": gen_id}
+    with subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, text=True,
+                          start_new_session=True) as pipeline:
+        try:
+            out, _ = pipeline.communicate(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pipeline.pid, signal.SIGKILL)  # curl and awk too, whatever happened
+    event = json.loads(out)
+    assert event["generation_id"] == gen_id and event["status"] == "succeeded"
+
+
 def test_queued_image_matches_the_sync_answer(providers_url, image_server):
     body = seed_image_bodies(image_url(image_server, 5, (96, 128)))[0]
     sync = ok(post(providers_url, "/api/ai/images/edit", body))
@@ -395,3 +429,27 @@ def test_killing_the_worker_fails_its_job_and_the_queue_recovers(providers_url, 
     after = enqueue(providers_url, image)
     assert poll(providers_url, after, timeout_s=180)["status"] == "succeeded"
     assert _runner_actor_names() and _runner_actor_names() != [name]
+
+
+def test_a_restarted_job_store_reports_its_lost_generations(providers_url, image_server):
+    """The store's records are in memory: after it dies, its ids answer `failed` / `job_lost`, never a bare 404."""
+    import ray
+
+    body = {"model": "sam-3-video", "input_video": f"{image_server}/video/16.mp4", "prompt": "the ox horns"}
+    gen_id = enqueue(providers_url, body)
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("SERVE_REPLICA::providers#JobStore#")]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 120
+    while True:
+        response = requests.get(f"{providers_url}{QUEUE}/{gen_id}", headers=headers(), timeout=30)
+        if response.status_code == 200:
+            break
+        assert response.status_code in (503, 504) and time.monotonic() < deadline, response.text
+        time.sleep(0.5)
+    record = response.json()
+    assert (record["generation_id"], record["status"], record["error_code"]) == (gen_id, "failed", "job_lost")
+    assert_error(requests.get(f"{providers_url}{QUEUE}/{uuid.uuid4()}", headers=headers(), timeout=30), 404,
+                 "resource_not_found")
+    image = seed_image_bodies(image_url(image_server, 10, (96, 128)))[0]
+    assert poll(providers_url, enqueue(providers_url, image), timeout_s=180)["status"] == "succeeded"
