@@ -67,8 +67,11 @@ class VideoSessions:
         logger.info("video session %s opened (%d frames)", session_id, info["num_frames"])
         return {"session_id": session_id, "expires_after_idle_s": self.config.video_session_ttl_s, **info}
 
-    async def lookup(self, session_id: str, owner: str) -> ray.actor.ActorHandle:
-        return self.registry.get(session_id, owner).handle
+    async def lookup(self, session_id: str, owner: str, begin: bool = False) -> ray.actor.ActorHandle:
+        return self.registry.get(session_id, owner, begin).handle
+
+    async def end(self, session_id: str) -> None:
+        self.registry.end(session_id)
 
     async def forget_dead(self, session_id: str, owner: str) -> None:
         """A caller found the actor dead: free its place under the cap."""
@@ -104,7 +107,7 @@ class VideoSessions:
 
 async def call_session(sessions, session_id: str, owner: str, method: str, *args, timeout_s: float = 600.0):
     """Call one session method through its actor; a dead actor is 410 Gone (and forgotten), other sessions unaffected."""
-    actor = await sessions.lookup.remote(session_id, owner)
+    actor = await sessions.lookup.remote(session_id, owner, True)
     try:
         return await asyncio.wait_for(actor.call.remote(method, *args), timeout_s)
     except RayActorError:
@@ -114,3 +117,5 @@ async def call_session(sessions, session_id: str, owner: str, method: str, *args
         ) from None
     except RayTaskError as exc:
         raise unwrap(exc) from None
+    finally:
+        sessions.end.remote(session_id)  # fire and forget: the idle clock restarts when the call ends

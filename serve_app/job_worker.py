@@ -34,7 +34,7 @@ class Worker:
 
     While a job runs its loop heartbeats it every `heartbeat_s`; a heartbeat answered False (the job was cancelled,
     timed out, or failed by the watchdog) cancels the run. If this process dies the heartbeats stop, and the store's
-    watchdog fails the job: a job is never left `processing`.
+    watchdog fails the job: a job is never left `running`.
     """
 
     def __init__(

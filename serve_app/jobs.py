@@ -20,7 +20,7 @@ from serve_app.config import Config
 from serve_app.errors import NotFound, Sam3Error, TooManyRequests
 from serve_app.media import MediaStore
 
-QUEUED, PROCESSING, SUCCEEDED, FAILED, CANCELLED = "queued", "processing", "succeeded", "failed", "cancelled"
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 EVENT_NAMES = {
     SUCCEEDED: "media_generation_completed",
@@ -147,7 +147,7 @@ def epoch_of(job_id: str) -> str | None:
 class JobBook:
     """Every job of one store, owner-checked (another key's id is 404), bounded, with one event log per key.
 
-    Statuses: queued -> processing -> succeeded | failed; queued | processing -> cancelled; processing -> queued
+    Statuses: queued -> running -> succeeded | failed; queued | running -> cancelled; running -> queued
     only when its worker shuts down gracefully (`release`). Terminal statuses are final: a late report from a
     worker that lost the job (cancelled, or failed by the watchdog) is ignored.
     """
@@ -165,8 +165,8 @@ class JobBook:
         self._jobs: dict[str, Job] = {}
         self._queue: OrderedDict[str, None] = OrderedDict()  # queued ids, oldest first
         self._finished: OrderedDict[str, None] = OrderedDict()  # terminal ids, oldest first
-        self._active: Counter[str] = Counter()  # queued + processing per key
-        self._running: Counter[str] = Counter()  # processing per key
+        self._active: Counter[str] = Counter()  # queued + running per key
+        self._running: Counter[str] = Counter()  # running per key
         self._events: dict[str, deque[Event]] = {}
         self.last_seq = 0
 
@@ -204,7 +204,7 @@ class JobBook:
         raise self._not_found(job_id)
 
     def active(self, tenant: str, model: str | None = None) -> list[dict]:
-        """The key's queued and processing generations, oldest first."""
+        """The key's queued and running generations, oldest first."""
         return [job.view() for job in self._jobs.values()
                 if job.tenant == tenant and job.status not in TERMINAL and model in (None, job.model)]
 
@@ -229,7 +229,7 @@ class JobBook:
     # ---------------------------------------------------------------- workers
 
     def claim(self, worker: str) -> dict | None:
-        """The next queued job, now processing for `worker`: keys with the fewest running jobs go first."""
+        """The next queued job, now running for `worker`: keys with the fewest running jobs go first."""
         best: Job | None = None
         for job_id in self._queue:
             job = self._jobs[job_id]
@@ -241,7 +241,7 @@ class JobBook:
             return None
         del self._queue[best.id]
         now = self.clock()
-        best.status, best.worker, best.started_at, best.started, best.beat = PROCESSING, worker, self.wall(), now, now
+        best.status, best.worker, best.started_at, best.started, best.beat = RUNNING, worker, self.wall(), now, now
         self._running[best.tenant] += 1
         return best.work()
 
@@ -271,8 +271,8 @@ class JobBook:
         return True
 
     def release(self, worker: str) -> int:
-        """A worker shutting down gracefully: its processing jobs go back to the front of the queue."""
-        mine = [job for job in self._jobs.values() if job.status == PROCESSING and job.worker == worker]
+        """A worker shutting down gracefully: its running jobs go back to the front of the queue."""
+        mine = [job for job in self._jobs.values() if job.status == RUNNING and job.worker == worker]
         for job in reversed(mine):
             job.status, job.worker, job.started_at = QUEUED, None, None
             self._running[job.tenant] -= 1
@@ -285,9 +285,9 @@ class JobBook:
     # ---------------------------------------------------------------- watchdog
 
     def sweep(self) -> list[str]:
-        """Fail processing jobs whose worker went silent or that ran too long; drop expired jobs and events."""
+        """Fail running jobs whose worker went silent or that ran too long; drop expired jobs and events."""
         now, failed = self.clock(), []
-        for job in [j for j in self._jobs.values() if j.status == PROCESSING]:
+        for job in [j for j in self._jobs.values() if j.status == RUNNING]:
             if now - job.beat > self.limits.heartbeat_timeout_s:
                 silent = f"no heartbeat for {self.limits.heartbeat_timeout_s:g} s"
                 self._end(job, FAILED, error=("worker_died", f"{WORKER_DIED} ({silent}); submit it again"))
@@ -313,7 +313,7 @@ class JobBook:
     def stats(self) -> dict:
         by_status = Counter(job.status for job in self._jobs.values())
         return {"epoch": self.epoch, "jobs": len(self._jobs), **{s: by_status[s] for s in
-                (QUEUED, PROCESSING, SUCCEEDED, FAILED, CANCELLED)}}
+                (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)}}
 
     # ---------------------------------------------------------------- internals
 
@@ -330,12 +330,12 @@ class JobBook:
 
     def _owned_by(self, job_id: str, worker: str) -> Job | None:
         job = self._jobs.get(job_id)
-        return job if job is not None and job.status == PROCESSING and job.worker == worker else None
+        return job if job is not None and job.status == RUNNING and job.worker == worker else None
 
     def _end(self, job: Job, status: str, error: tuple[str, str] | None = None) -> None:
         if job.status == QUEUED:
             self._queue.pop(job.id, None)
-        elif job.status == PROCESSING:
+        elif job.status == RUNNING:
             self._running[job.tenant] -= 1
         self._active[job.tenant] -= 1
         job.status, job.completed_at, job.finished, job.request = status, self.wall(), self.clock(), {}

@@ -151,7 +151,7 @@ async def list_active(
     tenant: str = Depends(oxen.oxen_tenant),
     jobs: JobBackend = Depends(get_job_backend),
 ) -> dict:
-    """This key's generations that are still queued or processing, oldest first."""
+    """This key's generations that are still queued or running, oldest first."""
     return {"generations": await jobs.active(tenant, model)}
 
 
@@ -167,7 +167,7 @@ async def get_generation(
 async def cancel_generation(
     generation_id: str, tenant: str = Depends(oxen.oxen_tenant), jobs: JobBackend = Depends(get_job_backend)
 ) -> dict:
-    """Cancel a queued or processing generation; the record stays, with status `cancelled`."""
+    """Cancel a queued or running generation; the record stays, with status `cancelled`."""
     return await jobs.cancel(tenant, generation_id)
 
 

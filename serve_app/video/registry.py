@@ -22,6 +22,7 @@ class SessionRecord(Generic[H]):
     handle: H
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    inflight: int = 0  # calls running on the session: it is not idle while one runs
 
 
 class SessionRegistry(Generic[H]):
@@ -56,13 +57,23 @@ class SessionRegistry(Generic[H]):
             self._open[session_id] = record
         return record
 
-    def get(self, session_id: str, owner: str) -> SessionRecord[H]:
+    def get(self, session_id: str, owner: str, begin: bool = False) -> SessionRecord[H]:
+        """The owner's session (touched); with begin, a call on it starts and must be `end`ed."""
         with self._lock:
             record = self._open.get(session_id)
             if record is None or record.owner != owner:
                 raise NotFound(f"no video session {session_id!r}")
             record.last_used = self.clock()
+            record.inflight += int(begin)
             return record
+
+    def end(self, session_id: str) -> None:
+        """A call on the session finished: it is idle from now on."""
+        with self._lock:
+            record = self._open.get(session_id)
+            if record is not None:
+                record.inflight = max(0, record.inflight - 1)
+                record.last_used = self.clock()
 
     def remove(self, session_id: str, owner: str) -> SessionRecord[H] | None:
         """Forget a session; None when it was already closed by this owner; NotFound when it never was theirs."""
@@ -77,10 +88,14 @@ class SessionRegistry(Generic[H]):
         raise NotFound(f"no video session {session_id!r}")
 
     def expired(self) -> list[SessionRecord[H]]:
-        """Remove and return every session idle longer than the TTL."""
+        """Remove and return every session idle longer than the TTL (a running call keeps it alive, up to 4 TTLs,
+        in case the caller died without ending it)."""
         now = self.clock()
         with self._lock:
-            stale = [r for r in self._open.values() if now - r.last_used > self.ttl_s]
+            stale = [
+                r for r in self._open.values()
+                if now - r.last_used > (4 * self.ttl_s if r.inflight else self.ttl_s)
+            ]
             for record in stale:
                 del self._open[record.session_id]
                 self._remember_closed(record.session_id, record.owner)

@@ -69,7 +69,7 @@ def poll(url: str, gen_id: str, key: str = API_KEY, timeout_s: float = DONE_WITH
         if not seen or seen[-1] != record["status"]:
             seen.append(record["status"])
         if record["status"] in TERMINAL:
-            assert set(seen) <= {"queued", "processing", *TERMINAL}, seen
+            assert set(seen) <= {"queued", "running", *TERMINAL}, seen
             return record
         assert time.monotonic() < deadline, f"{gen_id} still {record['status']} after {timeout_s} s"
         time.sleep(0.5)
@@ -264,7 +264,7 @@ def test_queued_image_matches_the_sync_answer(providers_url, image_server):
 # ------------------------------------------------------------------------------------------------ queue semantics
 
 
-def test_cancel_queued_and_processing_generations(providers_url, image_server):
+def test_cancel_queued_and_running_generations(providers_url, image_server):
     body = {"model": "sam-3-video", "input_video": f"{image_server}/video/24.mp4", "prompt": "the ox horns",
             "num_generations": 4}
     payload = ok(post(providers_url, QUEUE, body))
@@ -409,7 +409,7 @@ def test_killing_the_worker_fails_its_job_and_the_queue_recovers(providers_url, 
     body = {"model": "sam-3-video", "input_video": f"{image_server}/video/16.mp4", "prompt": "the ox horns"}
     gen_id = enqueue(providers_url, body)
     deadline = time.monotonic() + 120
-    while status_of(providers_url, gen_id)["status"] != "processing":
+    while status_of(providers_url, gen_id)["status"] != "running":
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.2)
     (name,) = _runner_actor_names()

@@ -130,7 +130,7 @@ def test_claim_heartbeat_finish_succeeds_and_emits_one_completed_event():
     work = jobs.claim("worker-1")
     assert work == {"id": job_id, "tenant": A, "model": "sam-3-video", "kind": "video", "request": REQUEST,
                     "media_base": BASE}
-    assert jobs.get(A, job_id)["status"] == "processing" and jobs.claim("worker-2") is None
+    assert jobs.get(A, job_id)["status"] == "running" and jobs.claim("worker-2") is None
     assert jobs.heartbeat(job_id, "worker-1") and not jobs.heartbeat(job_id, "worker-2")
     assert not jobs.finish(job_id, "worker-2", success())  # not its job
     assert jobs.finish(job_id, "worker-1", success(BASE + "abc"))
@@ -155,7 +155,7 @@ def test_failure_is_recorded_with_its_reason_and_a_failed_event():
     assert [e.name for e in jobs.events_after(A, 0)] == ["media_generation_failed"]
 
 
-def test_cancel_queued_and_processing_jobs():
+def test_cancel_queued_and_running_jobs():
     jobs = book()
     queued, running = submit(jobs, A, 2)
     work = jobs.claim("w")
@@ -424,12 +424,12 @@ def test_a_dead_worker_fails_its_job_and_a_graceful_one_hands_it_back():
         dead = Worker(CoreQueue(core), execute, "dead", heartbeat_s=0.05, claim_wait_s=0.1)
         dead.start()
         (job_id,) = submit(core.book)
-        await until(lambda: core.book.get(A, job_id)["status"] == "processing")
+        await until(lambda: core.book.get(A, job_id)["status"] == "running")
         for task in dead._loops:  # the process dies: no heartbeat, no release, nothing reported
             task.cancel()
         dead.queue = None
         await asyncio.sleep(0.2)
-        assert core.book.sweep() == [] and core.book.get(A, job_id)["status"] == "processing"
+        assert core.book.sweep() == [] and core.book.get(A, job_id)["status"] == "running"
         await until(lambda: core.book.sweep() or core.book.get(A, job_id)["status"] == "failed", 2.0)
         view = core.book.get(A, job_id)
         assert view["status"] == "failed" and view["error_message"].startswith(WORKER_DIED)
@@ -437,7 +437,7 @@ def test_a_dead_worker_fails_its_job_and_a_graceful_one_hands_it_back():
         graceful = Worker(CoreQueue(core), execute, "graceful", heartbeat_s=0.05, claim_wait_s=0.1)
         graceful.start()
         (second,) = submit(core.book)
-        await until(lambda: core.book.get(A, second)["status"] == "processing")
+        await until(lambda: core.book.get(A, second)["status"] == "running")
         await graceful.stop()
         assert core.book.get(A, second)["status"] == "queued", "handed back, not lost"
 
