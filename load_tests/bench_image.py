@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
+from harness import fmt, free_port, stop_serve, worker_torch_threads  # load_tests/ is on sys.path as a script
 
 PHRASES = ("a cat", "the red car", "person", "a wooden chair")
 WARMUP = 4  # requests before each phase that are not counted (at least one per HTTP client)
@@ -162,28 +162,6 @@ def run_in_process(args: argparse.Namespace) -> tuple[Phase, dict]:
 # ---- (b) the Serve graph over HTTP ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def worker_torch_threads() -> int | None:
-    """torch threads in a Ray worker that asks for 0 CPUs, as the deployments do (Ray sets OMP_NUM_THREADS)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def threads() -> int:
-        import torch
-
-        return torch.get_num_threads()
-
-    try:
-        return ray.get(threads.remote(), timeout=60)
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def start_serve(args: argparse.Namespace, device: str) -> tuple[str, int | None]:
     """Ray with every core, Serve's proxy on a free loopback port, build_app(Config) as the root app."""
     import ray
@@ -286,22 +264,7 @@ def run_http(args: argparse.Namespace, info: dict) -> list[Phase]:
     return phases
 
 
-def stop_serve() -> None:
-    try:
-        from ray import serve
-        import ray
-
-        serve.shutdown()
-        ray.shutdown()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 # ---- report ----------------------------------------------------------------------------------------------
-
-
-def fmt(value, spec: str = "") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(rows: list[dict], header: dict) -> None:

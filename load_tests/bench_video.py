@@ -16,13 +16,13 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from harness import fmt, free_port, stop_serve, worker_torch_threads  # load_tests/ is on sys.path as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -168,28 +168,6 @@ def run_in_process(args: argparse.Namespace, video: bytes) -> tuple[Phase, dict]
 
 
 # ---- (b) the Serve graph over HTTP ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def worker_torch_threads() -> int | None:
-    """torch threads in a Ray worker that asks for 0 CPUs, as the session actors do (Ray sets OMP_NUM_THREADS)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def threads() -> int:
-        import torch
-
-        return torch.get_num_threads()
-
-    try:
-        return ray.get(threads.remote(), timeout=60)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def start_serve(args: argparse.Namespace, info: dict) -> str:
@@ -350,22 +328,7 @@ def run_http(args: argparse.Namespace, video: bytes, info: dict, expected: int) 
     return phases
 
 
-def stop_serve() -> None:
-    try:
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 # ---- report ----------------------------------------------------------------------------------------------
-
-
-def fmt(value, spec: str = "") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(rows: list[dict], header: dict) -> None:
