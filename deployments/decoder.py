@@ -26,7 +26,7 @@ class Decoder:
         return await asyncio.to_thread(self.engine.decode, embedding, prompts, params, size)
 
     def get_stats(self) -> dict:
-        return {"requests": self.requests, "text_cache_entries": len(self.engine._text_cache)}
+        return {"requests": self.requests, "text_cache_entries": self.engine.text_cache_entries}
 
     def ready(self) -> bool:
         return True

@@ -34,6 +34,10 @@ class ImageEngine:
         self._text_cache_size = text_cache_size
         self._lock = threading.Lock()
 
+    @property
+    def text_cache_entries(self) -> int:
+        return len(self._text_cache)
+
     # ---- encoder side -------------------------------------------------------------------------------
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
