@@ -18,7 +18,6 @@ from serve_app.types import AutoPrompt, ConceptPrompt, Prompt, PromptResult, Seg
 
 PIXEL_MEAN = 0.5  # Sam3ImageProcessor normalises with IMAGENET_STANDARD mean/std
 PIXEL_STD = 0.5
-PAD_LABEL = -10  # transformers' marker for padded boxes/points
 AUTO_POINT_BATCH = 64  # grid points per tracker forward in automatic mask generation
 STABILITY_OFFSET = 1.0  # as SAM's automatic mask generator: IoU of masks cut at logit -1 and +1
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -271,42 +270,3 @@ class UrlFetcher:
                 finally:
                     await response.aclose()
         raise AssertionError("unreachable: _next_url raises once max_redirects is reached")
-
-    def fetch_sync(self, url: str) -> bytes:
-        """Blocking twin of fetch(), for threads and scripts."""
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            return self._fetch_sync(url, deadline)
-        except (TimeoutError, httpx.TimeoutException):
-            raise self._timed_out(url) from None
-        except httpx.HTTPError as exc:
-            raise self._failed(url, exc) from None
-
-    def _fetch_sync(self, url: str, deadline: float) -> bytes:
-        current: httpx.URL | None = parse_url(url)
-        with httpx.Client(trust_env=False, follow_redirects=False) as client:
-            for redirects in range(self.max_redirects + 1):
-                assert current is not None
-                hop = self._pin(current, self._check(current, _resolve(*_host_and_port(current))))
-                request = client.build_request(
-                    "GET", hop.pinned_url, headers=hop.headers, extensions=hop.extensions, timeout=_remaining(deadline)
-                )
-                response = client.send(request, stream=True)
-                try:
-                    current = self._next_url(hop, response, redirects)
-                    if current is None:
-                        body = bytearray()
-                        for chunk in response.iter_bytes():
-                            self._append(body, chunk, hop.url)
-                            _remaining(deadline)
-                        return bytes(body)
-                finally:
-                    response.close()
-        raise AssertionError("unreachable: _next_url raises once max_redirects is reached")
-
-
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    return left

@@ -12,7 +12,6 @@ import numpy as np
 from serve_app.auth import Authenticator
 from serve_app.cache import CachedEmbedding, EmbeddingCache, LogitsCache
 from serve_app.config import Config
-from serve_app.engine import ImageEngine
 from serve_app.errors import Gone, InvalidImage, NotFound
 from serve_app.imageio import ImageLoader, image_digest
 from serve_app.prompts import validate_prompts
@@ -34,24 +33,6 @@ class Graph(Protocol):
     ) -> SegmentResult: ...
 
     async def embedding_bytes(self) -> int: ...
-
-
-class LocalGraph:
-    """The same graph in-process (unit tests and the benchmark baseline)."""
-
-    def __init__(self, engine: ImageEngine) -> None:
-        self.engine = engine
-
-    async def encode(self, image: np.ndarray) -> object:
-        return (await asyncio.to_thread(self.engine.encode, [image]))[0]
-
-    async def decode(self, embedding, prompts, params, size) -> SegmentResult:
-        return await asyncio.to_thread(self.engine.decode, embedding, prompts, params, size)
-
-    async def embedding_bytes(self) -> int:
-        side = self.engine.bundle.image_size // self.engine.bundle.patch_size
-        hidden = self.engine.bundle.detector.config.vision_config.backbone_config.hidden_size
-        return side * side * hidden * self.engine.dtype.itemsize
 
 
 class SegmentService:
