@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from serve_app.errors import Sam3Error, ServiceUnavailable
+from serve_app.errors import Sam3Error
 from serve_app.media import MediaItem
+from serve_app.slots import Slot
 
 MAX_MEDIA_ID = 64  # media ids are 32 characters: longer ones are not worth a round trip
 
@@ -28,26 +29,23 @@ class JobBackend(Protocol):
     async def media(self, media_id: str) -> MediaItem | None: ...
 
 
-_current: JobBackend | None = None
+_slot: Slot[JobBackend] = Slot("the async queue is not available on this server")
 
 
-def set_job_backend(backend: JobBackend | None) -> None:
-    global _current
-    _current = backend
+def set_job_backend(value: JobBackend | None) -> None:
+    _slot.set(value)
 
 
 def get_job_backend() -> JobBackend:
-    """FastAPI dependency: the replica's job backend."""
-    if _current is None:
-        raise ServiceUnavailable("the async queue is not available on this server")
-    return _current
+    """FastAPI dependency: the replica's job backend (a plain function, so Serve pickles it by reference)."""
+    return _slot.get()
 
 
 async def queued_media(media_id: str) -> MediaItem | None:
     """A file a queued job produced (held by the job store), or None (also when there is no queue or it is down)."""
-    if _current is None or len(media_id) > MAX_MEDIA_ID:
+    if _slot.value is None or len(media_id) > MAX_MEDIA_ID:
         return None
     try:
-        return await _current.media(media_id)
+        return await _slot.value.media(media_id)
     except Sam3Error:
         return None

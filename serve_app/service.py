@@ -16,6 +16,7 @@ from serve_app.errors import Gone, InvalidImage, NotFound
 from serve_app.imageio import ImageLoader, image_digest
 from serve_app.prompts import validate_prompts
 from serve_app.security import UrlFetcher
+from serve_app.slots import Slot
 from serve_app.types import ImageInput, Prompt, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult
 
 
@@ -99,18 +100,16 @@ class SegmentService:
         return {"embedding_cache": self.embeddings.stats(), "logits_cache": self.logits.stats()}
 
 
-_current: SegmentService | None = None
+_slot: Slot[SegmentService] = Slot("the service is starting")
 
 
-def set_service(service: SegmentService) -> None:
-    global _current
-    _current = service
+def set_service(value: SegmentService | None) -> None:
+    _slot.set(value)
 
 
 def get_service() -> SegmentService:
-    """FastAPI dependency: the ingress replica's service (set when the replica starts)."""
-    if _current is None:
-        from serve_app.errors import ServiceUnavailable
+    """FastAPI dependency: the ingress replica's service.
 
-        raise ServiceUnavailable("the service is starting")
-    return _current
+    A plain function: Serve pickles it by reference; a bound method would carry a copy of the slot.
+    """
+    return _slot.get()

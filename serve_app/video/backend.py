@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from serve_app.errors import ServiceUnavailable
+from serve_app.slots import Slot
 
 
 class VideoBackend(Protocol):
@@ -17,16 +17,13 @@ class VideoBackend(Protocol):
     async def close(self, session_id: str, owner: str) -> dict: ...
 
 
-_current: VideoBackend | None = None
+_slot: Slot[VideoBackend] = Slot("video sessions are not available on this server")
 
 
-def set_video_backend(backend: VideoBackend) -> None:
-    global _current
-    _current = backend
+def set_video_backend(value: VideoBackend | None) -> None:
+    _slot.set(value)
 
 
 def get_video_backend() -> VideoBackend:
-    """FastAPI dependency: the replica's video backend."""
-    if _current is None:
-        raise ServiceUnavailable("video sessions are not available on this server")
-    return _current
+    """FastAPI dependency: the replica's video backend (a plain function, so Serve pickles it by reference)."""
+    return _slot.get()
