@@ -1,8 +1,25 @@
-"""What both benchmarks share: a free port, Ray's worker thread count, stopping Serve, number formatting."""
+"""What the load tests share: test images, a free port, Ray's worker thread count, stopping Serve, formatting."""
 
 from __future__ import annotations
 
 import socket
+
+import numpy as np
+
+
+def make_image(seed: int, height: int, width: int) -> np.ndarray:
+    """A distinct photo-like image per seed: a colour gradient, a few flat shapes, mild noise."""
+    rng = np.random.default_rng(seed)
+    ys = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    xs = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    c0, c1, c2 = (rng.uniform(0, 255, 3).astype(np.float32) for _ in range(3))
+    image = c0 * (1 - ys) * (1 - xs) + c1 * ys + c2 * xs * (1 - ys)
+    for _ in range(int(rng.integers(3, 7))):
+        h, w = int(rng.integers(height // 8, height // 2)), int(rng.integers(width // 8, width // 2))
+        y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
+        image[y : y + h, x : x + w] = rng.uniform(0, 255, 3)
+    image += rng.integers(-6, 7, image.shape, dtype=np.int8)
+    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def fmt(value, spec: str = "") -> str:

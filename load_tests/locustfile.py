@@ -20,8 +20,9 @@ import os
 import random
 import threading
 
-import numpy as np
 from PIL import Image
+
+from harness import make_image  # locust puts this file's folder on sys.path
 
 try:
     from locust import HttpUser, between, task
@@ -31,21 +32,6 @@ except ImportError:  # locust is optional; without it this module only offers th
 PHRASES = ("a cat", "the red car", "person", "a wooden chair", "a dog", "tree")
 _pool: list[tuple[str, int, int]] = []  # (base64 PNG, height, width)
 _pool_lock = threading.Lock()
-
-
-def make_image(seed: int, height: int, width: int) -> np.ndarray:
-    """A distinct photo-like image per seed: a colour gradient, a few flat shapes, mild noise."""
-    rng = np.random.default_rng(seed)
-    ys = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
-    xs = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
-    c0, c1, c2 = (rng.uniform(0, 255, 3).astype(np.float32) for _ in range(3))
-    image = c0 * (1 - ys) * (1 - xs) + c1 * ys + c2 * xs * (1 - ys)
-    for _ in range(int(rng.integers(3, 7))):
-        h, w = int(rng.integers(height // 8, height // 2)), int(rng.integers(width // 8, width // 2))
-        y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
-        image[y : y + h, x : x + w] = rng.uniform(0, 255, 3)
-    image += rng.integers(-6, 7, image.shape, dtype=np.int8)
-    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def image_pool() -> list[tuple[str, int, int]]:
