@@ -55,6 +55,10 @@ class SegmentService:
 
     async def resolve(self, image: ImageInput, tenant: str, need_pixels: bool = False) -> ResolvedImage:
         """The image's embedding: from the cache by image_id before anything is fetched or decoded, else encoded."""
+        return await self.encode(await self.load(image, tenant, need_pixels), tenant)
+
+    async def load(self, image: ImageInput, tenant: str, need_pixels: bool = False) -> ResolvedImage:
+        """All that can be had without the encoder: a cached embedding, or the decoded pixels and their size."""
         if image.image_id is not None and not need_pixels:
             hit = self.embeddings.get((tenant, image.image_id))
             if hit is not None:
@@ -73,17 +77,23 @@ class SegmentService:
         pixels = await asyncio.to_thread(self.loader.decode, data) if hit is None or need_pixels else None
         if hit is not None:
             return ResolvedImage(key, hit.height, hit.width, hit.embedding, pixels, cache_hit=True)
-        embedding = await self.graph.encode(pixels)
-        height, width = int(pixels.shape[0]), int(pixels.shape[1])
-        self.embeddings.put((tenant, key), CachedEmbedding(embedding, height, width), await self.graph.embedding_bytes())
-        return ResolvedImage(key, height, width, embedding, pixels)
+        return ResolvedImage(key, int(pixels.shape[0]), int(pixels.shape[1]), None, pixels)
+
+    async def encode(self, resolved: ResolvedImage, tenant: str) -> ResolvedImage:
+        """Run the encoder for an image `load` did not find in the cache, and cache the embedding."""
+        if resolved.embedding is None:
+            resolved.embedding = await self.graph.encode(resolved.pixels)
+            entry = CachedEmbedding(resolved.embedding, resolved.height, resolved.width)
+            self.embeddings.put((tenant, resolved.key), entry, await self.graph.embedding_bytes())
+        return resolved
 
     async def segment(
         self, request: SegmentRequest, tenant: str, need_pixels: bool = False
     ) -> tuple[SegmentResult, ResolvedImage]:
         started = time.perf_counter()
-        resolved = await self.resolve(request.image, tenant, need_pixels)
-        prompts = validate_prompts(request.prompts, resolved.size, self.config)
+        resolved = await self.load(request.image, tenant, need_pixels)
+        prompts = validate_prompts(request.prompts, resolved.size, self.config)  # before the encoder runs
+        resolved = await self.encode(resolved, tenant)
         try:
             result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size)
         except EmbeddingLost:

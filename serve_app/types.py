@@ -88,7 +88,7 @@ class ResolvedImage:
     key: str
     height: int
     width: int
-    embedding: object  # a Ray ObjectRef in the Serve graph, a tensor in-process
+    embedding: object | None  # a Ray ObjectRef in the Serve graph, a tensor in-process; None until encoded
     pixels: np.ndarray | None = None
     cache_hit: bool = False
 

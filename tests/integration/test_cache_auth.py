@@ -57,3 +57,11 @@ def test_another_key_never_sees_the_cached_embedding(providers_url):
     before = _encoded(providers_url)
     own = _post(providers_url, {"image": image, "image_id": "shared-name", "prompts": [TEXT]}, OTHER_KEY)
     assert own.status_code == 200 and _encoded(providers_url) == before + 1, "other tenant must encode its own"
+
+
+def test_a_bad_prompt_is_refused_before_the_encoder_runs(providers_url):
+    before = _encoded(providers_url)
+    body = {"image": png_b64(random_image(304)), "prompts": [{"type": "concept", "boxes": [[500, 500, 600, 600]]}]}
+    response = _post(providers_url, body)
+    assert response.status_code == 400 and "outside" in response.json()["error"]["message"]
+    assert _encoded(providers_url) == before, "an image whose prompts are invalid must not be encoded"
