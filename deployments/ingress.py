@@ -30,8 +30,8 @@ Oxen.ai, Segmind, Roboflow and the SAM3 Hugging Face Space. Masks are COCO RLE, 
 
 app = FastAPI(title="sam3-serve", version="0.1.0", description=DESCRIPTION)
 install_error_handlers(app)
-_limits = {"max_request_bytes": Config.model_fields["max_request_bytes"].default}
-install_body_limit(app, lambda: _limits["max_request_bytes"])
+_config = {"current": Config()}  # replaced by the replica's own config when it starts
+install_body_limit(app, lambda: _config["current"])
 for _provider in (native, oxen, oxen_video, oxen_queue, segmind, roboflow, hf_space, video):
     app.include_router(_provider.router)
 
@@ -127,7 +127,7 @@ class Ingress:
             on_cache=lambda hit: lookups.inc(tags={"result": "hit" if hit else "miss"}),
         )
         set_service(self.service)
-        _limits["max_request_bytes"] = config.max_request_bytes
+        _config["current"] = config
         if not self.service.auth.enabled:
             logger.warning("auth is off: no SAM3_API_KEYS configured")
 

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.config import Config
 from serve_app.errors import BadRequest, NotFound, PayloadTooLarge, Sam3Error, ValidationFailed
 from serve_app.protocols import native
 
@@ -83,16 +84,26 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(route_path(request), err)
 
 
-def install_body_limit(app: FastAPI, limit: Callable[[], int]) -> None:
-    """Refuse bodies over `limit()` bytes by their Content-Length, before reading them."""
+VIDEO_ROUTES = ("/v1/video/", "/api/ai/videos/", "/api/ai/queue")
+
+
+def body_limit(path: str, config: Config) -> tuple[int, str]:
+    """Largest body for a route and the knob that sets it: video routes may carry a whole video (as base64 too)."""
+    if path.startswith(VIDEO_ROUTES) and config.video_max_bytes * 4 // 3 + 65536 > config.max_request_bytes:
+        return config.video_max_bytes * 4 // 3 + 65536, "SAM3_VIDEO_MAX_BYTES"
+    return config.max_request_bytes, "SAM3_MAX_REQUEST_BYTES"
+
+
+def install_body_limit(app: FastAPI, config: Callable[[], Config]) -> None:
+    """Refuse bodies over the route's limit by their Content-Length, before reading them."""
 
     @app.middleware("http")
     async def _limit(request: Request, call_next):
-        max_bytes = limit()
+        max_bytes, knob = body_limit(route_path(request), config())
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             return error_response(
                 route_path(request),
-                PayloadTooLarge(f"request body is {int(length)} bytes; the limit is {max_bytes} (SAM3_MAX_REQUEST_BYTES)"),
+                PayloadTooLarge(f"request body is {int(length)} bytes; the limit is {max_bytes} ({knob})"),
             )
         return await call_next(request)

@@ -36,3 +36,13 @@ def test_invalid_values_name_the_variable(name, value):
 @pytest.mark.parametrize("field", list(Config.model_fields))
 def test_every_knob_is_in_the_readme(field):
     assert f"SAM3_{field.upper()}" in README
+
+
+def test_video_routes_may_carry_a_whole_video():
+    from serve_app.http import body_limit
+
+    config = Config(max_request_bytes=1_000_000, video_max_bytes=3_000_000)
+    assert body_limit("/v1/image/segment", config) == (1_000_000, "SAM3_MAX_REQUEST_BYTES")
+    limit, knob = body_limit("/v1/video/sessions", config)
+    assert knob == "SAM3_VIDEO_MAX_BYTES" and limit >= 3_000_000 * 4 // 3  # base64 in JSON too
+    assert body_limit("/api/ai/videos/generate", config)[1] == "SAM3_VIDEO_MAX_BYTES"
