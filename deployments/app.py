@@ -9,7 +9,7 @@ from deployments.encoder import ImageEncoder
 from deployments.ingress import Ingress
 from deployments.jobs import JobRunner, JobStore
 from deployments.video import VideoSessions
-from serve_app.config import Config
+from serve_app.core.config import Config
 
 
 def _scaling(config: Config, replicas: int) -> dict:

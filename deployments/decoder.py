@@ -7,10 +7,10 @@ import asyncio
 import torch
 from ray import serve
 
-from serve_app.config import Config
-from serve_app.engine import ImageEngine
-from serve_app.models import load_bundle
-from serve_app.types import Prompt, SegmentParams, SegmentResult
+from serve_app.core.config import Config
+from serve_app.core.types import Prompt, SegmentParams, SegmentResult
+from serve_app.image.engine import ImageEngine
+from serve_app.image.models import load_bundle
 
 
 @serve.deployment(name="Decoder")

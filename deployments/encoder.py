@@ -9,10 +9,10 @@ import torch
 from ray import serve
 from ray.util import metrics
 
-from serve_app.config import Config
-from serve_app.engine import ImageEngine
-from serve_app.models import load_bundle
-from serve_app.stats import BatchStats
+from serve_app.core.config import Config
+from serve_app.core.stats import BatchStats
+from serve_app.image.engine import ImageEngine
+from serve_app.image.models import load_bundle
 
 
 @serve.deployment(name="ImageEncoder")

@@ -1,26 +1,23 @@
 """The async queue on Ray Serve: JobStore (one replica: records, events, files), JobRunner (workers), and the
-ingress' RayJobBackend. The logic is serve_app/jobs.py and serve_app/job_worker.py; these are thin shells."""
+JobStore handle for workers (the ingress' RayJobBackend is in deployments/handles.py). The logic is serve_app/jobs/store.py and serve_app/jobs/worker.py; these are thin shells."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import secrets
-import time
 
 import ray
 from ray import serve
-from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.ingress import RayGraph, RayVideoBackend, _await
-from serve_app.config import Config
-from serve_app.errors import Sam3Error
-from serve_app.job_worker import Worker
-from serve_app.jobs import JobBook, JobLimits, JobStoreCore, Outcome
-from serve_app.media import MediaItem, MediaStore
+from deployments.handles import RayGraph, RayVideoBackend
+from serve_app.core.config import Config
+from serve_app.core.media import MediaStore
+from serve_app.image.service import SegmentService
+from serve_app.jobs.store import JobBook, JobLimits, JobStoreCore, Outcome
+from serve_app.jobs.worker import Worker
 from serve_app.protocols.oxen_queue import OxenJobs
-from serve_app.service import SegmentService
 
 logger = logging.getLogger(__name__)
 SWEEP_EVERY_S = 1.0
@@ -95,7 +92,7 @@ class JobStore:
 
 
 class StoreQueue:
-    """The JobStore handle as serve_app.job_worker.JobQueue."""
+    """The JobStore handle as serve_app.jobs.worker.JobQueue."""
 
     def __init__(self, store: DeploymentHandle) -> None:
         self.store = store
@@ -138,40 +135,3 @@ class JobRunner:
 
     def ready(self) -> bool:
         return True
-
-
-class RayJobBackend:
-    """The ingress' serve_app.job_backend.JobBackend: JobStore calls with a deadline and Ray errors mapped."""
-
-    def __init__(self, store: DeploymentHandle, timeout_s: float = 30.0) -> None:
-        self.store, self.timeout_s = store, timeout_s
-
-    async def _call(self, method: str, *args, wait_s: float = 0.0):
-        try:
-            return await _await(getattr(self.store, method).remote(*args), self.timeout_s + wait_s)
-        except RayTaskError as exc:  # a store-side Sam3Error (404, 409, 429) arrives wrapped
-            if isinstance(exc.cause, Sam3Error):
-                raise exc.cause from None
-            raise
-
-    async def submit(self, tenant, model, kind, request, media_base, count) -> list[dict]:
-        return await self._call("submit", tenant, model, kind, request, media_base, count)
-
-    async def get(self, tenant: str, job_id: str) -> dict:
-        return await self._call("get", tenant, job_id)
-
-    async def active(self, tenant: str, model: str | None) -> list[dict]:
-        return await self._call("active", tenant, model)
-
-    async def cancel(self, tenant: str, job_id: str) -> dict:
-        return await self._call("cancel", tenant, job_id)
-
-    async def events(self, tenant: str, cursor: str | None, wait_s: float) -> dict:
-        return await self._call("events", tenant, cursor, wait_s, wait_s=wait_s)
-
-    async def media(self, media_id: str) -> MediaItem | None:
-        found = await self._call("media", media_id)
-        if found is None:
-            return None
-        data, content_type, owner, remaining_s = found
-        return MediaItem(data, content_type, owner, time.monotonic() + remaining_s)

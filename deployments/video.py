@@ -8,12 +8,13 @@ import logging
 import numpy as np
 import ray
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
 
-from serve_app.config import Config
-from serve_app.errors import Gone, Sam3Error
-from serve_app.models import built_in_code, load_video_model
-from serve_app.video.actor import SessionState, rss_bytes
+from deployments.handles import unwrap
+from serve_app.core.config import Config
+from serve_app.core.errors import Sam3Error
+from serve_app.core.stats import rss_bytes
+from serve_app.image.models import built_in_code, load_video_model
+from serve_app.video.actor import SessionState
 from serve_app.video.registry import SessionRegistry
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,6 @@ class SessionActor:
 
     def ready(self) -> bool:
         return True
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The Sam3Error a remote call raised, if that is what it was."""
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, Sam3Error):
-        return exc.cause
-    return exc
 
 
 @serve.deployment(name="VideoSessions", num_replicas=1)
@@ -105,17 +99,3 @@ class VideoSessions:
                 await self._stop(record.handle)
 
 
-async def call_session(sessions, session_id: str, owner: str, method: str, *args, timeout_s: float = 600.0):
-    """Call one session method through its actor; a dead actor is 410 Gone (and forgotten), other sessions unaffected."""
-    actor = await sessions.lookup.remote(session_id, owner, True)
-    try:
-        return await asyncio.wait_for(actor.call.remote(method, *args), timeout_s)
-    except RayActorError:
-        await sessions.forget_dead.remote(session_id, owner)
-        raise Gone(
-            f"video session {session_id!r} is gone: its tracker actor died. Start a new session."
-        ) from None
-    except RayTaskError as exc:
-        raise unwrap(exc) from None
-    finally:
-        sessions.end.remote(session_id)  # fire and forget: the idle clock restarts when the call ends

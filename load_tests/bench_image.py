@@ -23,8 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from harness import (  # load_tests/ is on sys.path as a script
+    fmt,
+    free_port,
+    make_image,
+    stop_serve,
+    worker_torch_threads,
+)
 from PIL import Image
-from harness import fmt, free_port, make_image, stop_serve, worker_torch_threads  # load_tests/ is on sys.path as a script
 
 PHRASES = ("a cat", "the red car", "person", "a wooden chair")
 WARMUP = 4  # requests before each phase that are not counted (at least one per HTTP client)
@@ -82,7 +88,7 @@ def wire_prompt(mode: str, index: int, height: int, width: int) -> dict:
 
 
 def internal_prompt(wire: dict):
-    from serve_app.types import ConceptPrompt, VisualPrompt
+    from serve_app.core.types import ConceptPrompt, VisualPrompt
 
     if wire["type"] == "concept":
         return ConceptPrompt(text=wire["text"])
@@ -110,10 +116,10 @@ def run_in_process(args: argparse.Namespace) -> tuple[Phase, dict]:
     """ImageEngine.segment in a loop on distinct images; returns the phase and what ran where."""
     import torch
 
-    from serve_app.config import Config
-    from serve_app.engine import ImageEngine
-    from serve_app.models import load_bundle
-    from serve_app.types import SegmentParams
+    from serve_app.core.config import Config
+    from serve_app.core.types import SegmentParams
+    from serve_app.image.engine import ImageEngine
+    from serve_app.image.models import load_bundle
 
     engine = ImageEngine(load_bundle(Config(model=args.model, device=args.device)))
     info = {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
@@ -153,7 +159,7 @@ def start_serve(args: argparse.Namespace, device: str) -> tuple[str, int | None]
     from ray import serve
 
     from deployments.app import build_app
-    from serve_app.config import Config
+    from serve_app.core.config import Config
 
     gpu = args.gpu_fraction if device.startswith("cuda") else 0.0
     config = Config(

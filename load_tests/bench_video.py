@@ -132,9 +132,9 @@ def run_in_process(args: argparse.Namespace, video: bytes) -> tuple[Phase, dict]
     """Decode the same mp4 the server gets, warm up on a few frames, then track every frame once."""
     import torch
 
-    from serve_app.config import Config
-    from serve_app.engine import ImageEngine
-    from serve_app.models import load_bundle
+    from serve_app.core.config import Config
+    from serve_app.image.engine import ImageEngine
+    from serve_app.image.models import load_bundle
     from serve_app.video.io import VideoLimits, decode_video
 
     if args.threads > 0:
@@ -177,7 +177,7 @@ def start_serve(args: argparse.Namespace, info: dict) -> str:
     from ray import serve
 
     from deployments.app import build_app
-    from serve_app.config import Config
+    from serve_app.core.config import Config
 
     cuda = info["device"].startswith("cuda")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

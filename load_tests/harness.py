@@ -34,8 +34,8 @@ def free_port() -> int:
 
 def stop_serve() -> None:
     try:
-        from ray import serve
         import ray
+        from ray import serve
 
         serve.shutdown()
         ray.shutdown()

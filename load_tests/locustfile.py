@@ -20,9 +20,8 @@ import os
 import random
 import threading
 
-from PIL import Image
-
 from harness import make_image  # locust puts this file's folder on sys.path
+from PIL import Image
 
 try:
     from locust import HttpUser, between, task

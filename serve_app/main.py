@@ -7,8 +7,8 @@ import signal
 import sys
 import threading
 
-from serve_app.config import Config
-from serve_app.errors import ModelLoadError
+from serve_app.core.config import Config
+from serve_app.core.errors import ModelLoadError
 
 logger = logging.getLogger("sam3_serve")
 
@@ -31,7 +31,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = Config.from_env()
-        from serve_app.models import probe_model  # before Ray starts: a bad SAM3_MODEL is one clear line
+        from serve_app.image.models import probe_model  # before Ray starts: a bad SAM3_MODEL is one clear line
 
         probe_model(config.model)
     except (ValueError, ModelLoadError) as exc:

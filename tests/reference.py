@@ -6,9 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve_app.codecs import rle_decode
-from serve_app.geometry import normalized_cxcywh_from_xyxy
-from serve_app.models import ModelBundle
+from serve_app.image.codecs import rle_decode
+from serve_app.image.geometry import normalized_cxcywh_from_xyxy
+from serve_app.image.models import ModelBundle
 
 
 def _hf_instance_postprocess(outputs, threshold: float, size: tuple[int, int]) -> list[dict]:

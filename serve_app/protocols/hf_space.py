@@ -11,16 +11,22 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve_app import codecs
-from serve_app.auth import bearer
-from serve_app.config import Config
-from serve_app.errors import InvalidImage, InvalidPrompt, Sam3Error, ValidationFailed
-from serve_app.geometry import validate_box_xyxy
-from serve_app.http import register_error_shape
-from serve_app.service import SegmentService, get_service
-from serve_app.types import (
-    ConceptPrompt, ImageInput, Prompt, SegmentParams, SegmentRequest, SegmentResult, VisualPrompt,
+from serve_app.core.auth import bearer
+from serve_app.core.config import Config
+from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error, ValidationFailed
+from serve_app.core.http import register_error_shape
+from serve_app.core.types import (
+    ConceptPrompt,
+    ImageInput,
+    Prompt,
+    SegmentParams,
+    SegmentRequest,
+    SegmentResult,
+    VisualPrompt,
 )
+from serve_app.image import codecs
+from serve_app.image.geometry import validate_box_xyxy
+from serve_app.image.service import SegmentService, get_service
 
 SAM_VERSION = "3.0"
 MAX_TEXT_CHARS = 256

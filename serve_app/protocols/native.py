@@ -10,12 +10,21 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve_app import codecs
-from serve_app.auth import bearer
-from serve_app.config import Config
-from serve_app.errors import InvalidPrompt, Sam3Error
-from serve_app.service import SegmentService, get_service
-from serve_app.types import ConceptPrompt, ImageInput, Prompt, SegmentParams, SegmentRequest, SegmentResult, VisualPrompt
+from serve_app.core.auth import bearer
+from serve_app.core.config import Config
+from serve_app.core.errors import InvalidPrompt
+from serve_app.core.http import native_error_body
+from serve_app.core.types import (
+    ConceptPrompt,
+    ImageInput,
+    Prompt,
+    SegmentParams,
+    SegmentRequest,
+    SegmentResult,
+    VisualPrompt,
+)
+from serve_app.image import codecs
+from serve_app.image.service import SegmentService, get_service
 
 MAX_TEXT_CHARS = 256
 MAX_LOGITS_SIDE = 1024  # SAM3 low-res logits are 288 x 288
@@ -189,12 +198,7 @@ def render(result: SegmentResult, body: SegmentRequestIn, cache_key: str) -> Seg
     )
 
 
-def error_body(exc: Sam3Error) -> dict:
-    """The native error shape: {"error": {"code", "message", "details"?}}."""
-    error: dict = {"code": exc.code, "message": exc.message}
-    if exc.details is not None:
-        error["details"] = exc.details
-    return {"error": error}
+error_body = native_error_body  # the native shape is the service's fallback, defined in the core
 
 
 router = APIRouter(tags=["native"])

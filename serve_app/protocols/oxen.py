@@ -14,17 +14,23 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve_app import codecs
-from serve_app.auth import bearer
-from serve_app.config import Config
-from serve_app.errors import NotFound, Sam3Error
-from serve_app.http import register_error_shape
-from serve_app.job_backend import queued_media
-from serve_app.media import MediaStore, media_store
-from serve_app.service import SegmentService, get_service
-from serve_app.types import (
-    ConceptPrompt, ImageInput, Instance, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult,
+from serve_app.core.auth import bearer
+from serve_app.core.config import Config
+from serve_app.core.errors import NotFound, Sam3Error
+from serve_app.core.http import register_error_shape
+from serve_app.core.media import MediaStore, media_store
+from serve_app.core.types import (
+    ConceptPrompt,
+    ImageInput,
+    Instance,
+    ResolvedImage,
+    SegmentParams,
+    SegmentRequest,
+    SegmentResult,
 )
+from serve_app.image import codecs
+from serve_app.image.service import SegmentService, get_service
+from serve_app.jobs.backend import queued_media
 
 MODEL_ID = "sam-3-image"
 MODEL_NAME = "Segment Anything 3 - Image"

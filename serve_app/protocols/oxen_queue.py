@@ -15,15 +15,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve_app.config import Config
-from serve_app.errors import BadRequest, NotFound, Sam3Error, ValidationFailed
-from serve_app.http import register_error_shape, validation_error
-from serve_app.job_backend import JobBackend, get_job_backend
-from serve_app.jobs import Outcome
-from serve_app.media import new_media_id
+from serve_app.core.config import Config
+from serve_app.core.errors import BadRequest, NotFound, Sam3Error, ValidationFailed
+from serve_app.core.http import register_error_shape, validation_error
+from serve_app.core.media import new_media_id
+from serve_app.core.security import UrlFetcher
+from serve_app.image.service import SegmentService, get_service
+from serve_app.jobs.backend import JobBackend, get_job_backend
+from serve_app.jobs.store import Outcome
 from serve_app.protocols import oxen, oxen_video
-from serve_app.security import UrlFetcher
-from serve_app.service import SegmentService, get_service
 from serve_app.video.backend import VideoBackend
 
 MAX_GENERATIONS = 4  # per request, as Oxen

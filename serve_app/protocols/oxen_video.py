@@ -12,12 +12,12 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve_app.config import Config
-from serve_app.errors import InvalidPrompt, NotFound
-from serve_app.media import media_store
+from serve_app.core.config import Config
+from serve_app.core.errors import InvalidPrompt, NotFound
+from serve_app.core.media import media_store
+from serve_app.core.security import UrlFetcher
+from serve_app.image.service import SegmentService, get_service
 from serve_app.protocols import oxen
-from serve_app.security import UrlFetcher
-from serve_app.service import SegmentService, get_service
 from serve_app.video.backend import VideoBackend, get_video_backend
 from serve_app.video.io import VideoLimits, video_bytes_from_base64
 

@@ -12,15 +12,22 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from serve_app import codecs
-from serve_app.cache import CachedLogits
-from serve_app.errors import InvalidImage, InvalidPrompt, Sam3Error
-from serve_app.geometry import cxcywh_to_xyxy, xywh_to_xyxy
-from serve_app.http import register_error_shape
-from serve_app.service import SegmentService, get_service
-from serve_app.types import (
-    Box, ConceptPrompt, ImageInput, Instance, SegmentParams, SegmentRequest, SegmentResult, VisualPrompt,
+from serve_app.core.cache import CachedLogits
+from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error
+from serve_app.core.http import register_error_shape
+from serve_app.core.types import (
+    Box,
+    ConceptPrompt,
+    ImageInput,
+    Instance,
+    SegmentParams,
+    SegmentRequest,
+    SegmentResult,
+    VisualPrompt,
 )
+from serve_app.image import codecs
+from serve_app.image.geometry import cxcywh_to_xyxy, xywh_to_xyxy
+from serve_app.image.service import SegmentService, get_service
 
 MAX_PROMPTS = 16  # Roboflow's documented cap on /sam3/concept_segment
 DEFAULT_MODEL_ID = "sam3/sam3_final"

@@ -15,12 +15,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve_app import codecs
-from serve_app.config import Config
-from serve_app.errors import BadRequest, Sam3Error, ServiceUnavailable
-from serve_app.http import register_error_shape
-from serve_app.service import SegmentService, get_service
-from serve_app.types import (
+from serve_app.core.config import Config
+from serve_app.core.errors import BadRequest, Sam3Error, ServiceUnavailable
+from serve_app.core.http import register_error_shape
+from serve_app.core.types import (
     AutoPrompt,
     Box,
     ConceptPrompt,
@@ -33,6 +31,8 @@ from serve_app.types import (
     SegmentResult,
     VisualPrompt,
 )
+from serve_app.image import codecs
+from serve_app.image.service import SegmentService, get_service
 
 logger = logging.getLogger(__name__)
 

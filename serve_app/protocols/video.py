@@ -10,11 +10,11 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve_app.auth import bearer
-from serve_app.errors import BadRequest, InvalidPrompt, Sam3Error, ValidationFailed
-from serve_app.http import validation_error_message
-from serve_app.security import UrlFetcher
-from serve_app.service import SegmentService, get_service
+from serve_app.core.auth import bearer
+from serve_app.core.errors import BadRequest, InvalidPrompt, Sam3Error, ValidationFailed
+from serve_app.core.http import validation_error_message
+from serve_app.core.security import UrlFetcher
+from serve_app.image.service import SegmentService, get_service
 from serve_app.video.backend import VideoBackend, get_video_backend
 from serve_app.video.io import VideoLimits, video_bytes_from_base64
 

@@ -9,17 +9,13 @@ from dataclasses import asdict
 
 import numpy as np
 
-from serve_app.config import Config
-from serve_app.engine import ImageEngine
-from serve_app.errors import BadRequest
-from serve_app.models import load_bundle
+from serve_app.core.config import Config
+from serve_app.core.errors import BadRequest
+from serve_app.core.stats import rss_bytes
+from serve_app.image.engine import ImageEngine
+from serve_app.image.models import load_bundle
 from serve_app.video.io import Video, VideoLimits, decode_video, frames_from_images, render_masks_video
 from serve_app.video.session import FrameResult, VideoSession
-
-
-def rss_bytes() -> int:
-    with open(f"/proc/{os.getpid()}/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class SessionState:
@@ -100,7 +96,7 @@ class SessionState:
         session.reset()
         session.add_text(text)
         per_frame: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(session.num_frames)]
-        from serve_app.codecs import rle_decode
+        from serve_app.image.codecs import rle_decode
 
         for result in session.propagate("forward", 0, None):
             self.frames_propagated += 1

@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from serve_app.slots import Slot
+from serve_app.core.slots import Slot
 
 
 class VideoBackend(Protocol):

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import av
 import numpy as np
 
-from serve_app.codecs import PALETTE, overlay, rle_encode_many
-from serve_app.errors import BadRequest, InvalidImage, InvalidVideo, PayloadTooLarge
-from serve_app.imageio import decode_base64_payload
+from serve_app.core.errors import BadRequest, InvalidImage, InvalidVideo, PayloadTooLarge
+from serve_app.image.codecs import PALETTE, overlay, rle_encode_many
+from serve_app.image.imageio import decode_base64_payload
 
 if TYPE_CHECKING:
-    from serve_app.config import Config
+    from serve_app.core.config import Config
 
 # Demuxers FFmpeg may use on client bytes (mp4/mov/m4v/3gp, mkv/webm, avi). Everything else (playlists such as
 # HLS or concat that open further files or URLs, raw streams, images) is refused before its header is parsed.

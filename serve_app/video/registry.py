@@ -9,7 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from serve_app.errors import NotFound, TooManyRequests
+from serve_app.core.errors import NotFound, TooManyRequests
 
 H = TypeVar("H")
 CLOSED_MEMORY = 1024  # closed ids remembered, so a second close still answers 200

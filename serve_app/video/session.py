@@ -12,10 +12,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from serve_app import postprocess as pp
-from serve_app.engine import ImageEngine
-from serve_app.errors import BadRequest, InvalidPrompt, NotFound
-from serve_app.geometry import validate_box_xyxy, validate_point
+from serve_app.core.errors import BadRequest, InvalidPrompt, NotFound
+from serve_app.image import postprocess as pp
+from serve_app.image.engine import ImageEngine
+from serve_app.image.geometry import validate_box_xyxy, validate_point
 
 Direction = Literal["forward", "backward", "both"]
 FRAME_CACHE = 4  # preprocessed frames kept; the rest stay as uint8 on the CPU

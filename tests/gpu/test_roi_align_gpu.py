@@ -1,11 +1,11 @@
-"""serve_app.roi_align against torchvision.ops.roi_align itself, on CUDA and CPU."""
+"""serve_app.image.roi_align against torchvision.ops.roi_align itself, on CUDA and CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from serve_app.roi_align import roi_align
+from serve_app.image.roi_align import roi_align
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_app.config import Config
+from serve_app.core.config import Config
 
 
 def _free_port() -> int:
@@ -159,9 +159,9 @@ def find_image_seed(texts: list[str], threshold: float = 0.5, height: int = 96, 
     Tests that need non-empty results use it, so they do not hang on one lucky seed of a random model.
     """
     global _ENGINE
-    from serve_app.engine import ImageEngine
-    from serve_app.models import load_bundle
-    from serve_app.types import ConceptPrompt, SegmentParams
+    from serve_app.core.types import ConceptPrompt, SegmentParams
+    from serve_app.image.engine import ImageEngine
+    from serve_app.image.models import load_bundle
 
     if _ENGINE is None:
         _ENGINE = ImageEngine(load_bundle(Config()))

@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_app.config import Config
+from serve_app.core.config import Config
 from tests.integration.conftest import deploy, png_b64, random_image, segment, undeploy
 
 pytestmark = pytest.mark.integration

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
-import pytest
-
-from serve_app.config import Config
+from serve_app.core.config import Config
 from tests.integration.conftest import deploy, png_b64, random_image, segment, undeploy
 
 TEXTS = ["cat", "dog", "red car", "tree", "person", "boat", "bird", "cup", "chair", "kite", "bus", "clock", "fox"]

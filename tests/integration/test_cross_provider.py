@@ -9,7 +9,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from serve_app.codecs import rle_decode
+from serve_app.image.codecs import rle_decode
 from tests.integration.conftest import API_KEY, find_image_seed, image_bytes
 
 TEXT, THRESHOLD = "striped cat", 0.5

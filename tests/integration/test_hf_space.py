@@ -10,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_app.codecs import polygons_to_mask
+from serve_app.image.codecs import polygons_to_mask
 from tests.integration.conftest import API_KEY, find_image_seed, png_b64, random_image
 
 pytestmark = pytest.mark.integration

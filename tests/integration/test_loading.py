@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve_app.config import Config
-from serve_app.models import load_bundle, save_bundle
+from serve_app.core.config import Config
+from serve_app.image.models import load_bundle, save_bundle
 from tests.integration.conftest import deploy, png_b64, random_image, segment, undeploy
 
 ROOT = Path(__file__).resolve().parents[2]

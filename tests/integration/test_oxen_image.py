@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_app.codecs import rle_area, rle_decode
+from serve_app.image.codecs import rle_area, rle_decode
 from tests.integration.conftest import API_KEY, random_image
 
 pytestmark = pytest.mark.integration

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve_app.config import Config
-from serve_app.engine import ImageEngine
-from serve_app.models import load_bundle
+from serve_app.core.config import Config
+from serve_app.image.engine import ImageEngine
+from serve_app.image.models import load_bundle
 from tests.integration.conftest import png_b64, random_image, segment
 from tests.reference import concept_reference, served_instances, visual_reference
 
@@ -99,7 +99,7 @@ def test_points(app_url, reference, multimask):
     assert scores == sorted(scores, reverse=True), "best-scoring mask first"
     for inst, (score, mask) in zip(served["instances"], expected):
         assert abs(inst["score"] - score) < SCORE_TOL
-        from serve_app.codecs import rle_decode
+        from serve_app.image.codecs import rle_decode
 
         assert np.array_equal(rle_decode(inst["mask"]), mask)
 
@@ -110,7 +110,7 @@ def test_box_prompt(app_url, reference):
     pixels = engine.preprocess([image])
     served = _ask(app_url, image, [{"type": "visual", "box": [20, 10, 100, 80]}])[0]
     expected = visual_reference(bundle, pixels, [], [], [20, 10, 100, 80], image.shape[:2], False)
-    from serve_app.codecs import rle_decode
+    from serve_app.image.codecs import rle_decode
 
     assert abs(served["instances"][0]["score"] - expected[0][0]) < SCORE_TOL
     assert np.array_equal(rle_decode(served["instances"][0]["mask"]), expected[0][1])

@@ -10,7 +10,7 @@ import pytest
 import requests
 from pycocotools import mask as mask_utils
 
-from serve_app import codecs
+from serve_app.image import codecs
 from tests.integration.conftest import API_KEY, OTHER_KEY, png_b64, random_image
 
 pytestmark = pytest.mark.integration

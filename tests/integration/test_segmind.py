@@ -10,11 +10,11 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_app.codecs import png_bytes_to_mask, rle_decode
-from serve_app.config import Config
-from serve_app.engine import ImageEngine
-from serve_app.models import load_bundle
-from serve_app.types import AutoPrompt, ConceptPrompt, Instance, SegmentParams
+from serve_app.core.config import Config
+from serve_app.core.types import AutoPrompt, ConceptPrompt, Instance, SegmentParams
+from serve_app.image.codecs import png_bytes_to_mask, rle_decode
+from serve_app.image.engine import ImageEngine
+from serve_app.image.models import load_bundle
 from tests.integration.conftest import API_KEY, random_image
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import requests
 
-from serve_app.codecs import rle_decode
-from serve_app.config import Config
+from serve_app.core.config import Config
+from serve_app.image.codecs import rle_decode
 from tests.integration.conftest import API_KEY, OTHER_KEY, deploy, undeploy
 from tests.videos import write_video
 

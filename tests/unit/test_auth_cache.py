@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve_app.auth import ANONYMOUS, Authenticator, bearer
-from serve_app.cache import BoundedLRU, CachedLogits, LogitsCache
-from serve_app.config import Config
-from serve_app.errors import Unauthorized
+from serve_app.core.auth import ANONYMOUS, Authenticator, bearer
+from serve_app.core.cache import BoundedLRU, CachedLogits, LogitsCache
+from serve_app.core.config import Config
+from serve_app.core.errors import Unauthorized
 from serve_app.main import bind_host
 
 

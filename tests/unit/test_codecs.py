@@ -1,4 +1,4 @@
-"""Unit tests for serve_app.codecs: RLE, polygons, PNG, overlay, cut-outs, image encoding."""
+"""Unit tests for serve_app.image.codecs: RLE, polygons, PNG, overlay, cut-outs, image encoding."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from serve_app import codecs
-from serve_app.errors import BadRequest, InvalidImage
+from serve_app.core.errors import BadRequest, InvalidImage
+from serve_app.image import codecs
 
 
 def _ring(h: int = 120, w: int = 160) -> np.ndarray:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.config import Config
+from serve_app.core.config import Config
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -39,7 +39,7 @@ def test_every_knob_is_in_the_readme(field):
 
 
 def test_video_routes_may_carry_a_whole_video():
-    from serve_app.http import body_limit
+    from serve_app.core.http import body_limit
 
     config = Config(max_request_bytes=1_000_000, video_max_bytes=3_000_000)
     assert body_limit("/v1/image/segment", config) == (1_000_000, "SAM3_MAX_REQUEST_BYTES")

@@ -1,4 +1,4 @@
-"""Unit tests for serve_app.geometry: conversions, validation, IoU and NMS."""
+"""Unit tests for serve_app.image.geometry: conversions, validation, IoU and NMS."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app import geometry as g
-from serve_app.errors import InvalidPrompt
+from serve_app.core.errors import InvalidPrompt
+from serve_app.image import geometry as g
 
 
 def _random_boxes(rng: np.random.Generator, n: int, size: float = 100.0) -> np.ndarray:

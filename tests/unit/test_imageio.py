@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from serve_app.errors import BadRequest, InvalidImage, PayloadTooLarge
-from serve_app.imageio import ImageLoader, decode_base64_payload, image_digest
-from serve_app.security import UrlFetcher
+from serve_app.core.errors import BadRequest, InvalidImage, PayloadTooLarge
+from serve_app.core.security import UrlFetcher
+from serve_app.image.imageio import ImageLoader, decode_base64_payload, image_digest
 
 MAX_BYTES = 2_000_000
 

@@ -9,12 +9,20 @@ import uuid
 
 import pytest
 
-from serve_app.errors import InvalidImage, NotFound, TooManyRequests
-from serve_app.job_worker import Worker
-from serve_app.jobs import (
-    JOB_LOST, WORKER_DIED, Conflict, JobBook, JobLimits, JobStoreCore, Outcome, echo_params, epoch_of,
+from serve_app.core.errors import InvalidImage, NotFound, TooManyRequests
+from serve_app.core.media import MediaStore
+from serve_app.jobs.store import (
+    JOB_LOST,
+    WORKER_DIED,
+    Conflict,
+    JobBook,
+    JobLimits,
+    JobStoreCore,
+    Outcome,
+    echo_params,
+    epoch_of,
 )
-from serve_app.media import MediaStore
+from serve_app.jobs.worker import Worker
 from serve_app.protocols.oxen_queue import FileCollector, sse_frame
 
 A, B = "tenant-a", "tenant-b"

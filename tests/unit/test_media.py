@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from serve_app.errors import PayloadTooLarge
-from serve_app.media import MediaStore
+from serve_app.core.errors import PayloadTooLarge
+from serve_app.core.media import MediaStore
 
 
 class Clock:

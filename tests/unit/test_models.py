@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app.config import Config
-from serve_app.errors import ModelLoadError
-from serve_app.models import HashTokenizer, load_bundle, resolve_device
+from serve_app.core.config import Config
+from serve_app.core.errors import ModelLoadError
+from serve_app.image.models import HashTokenizer, load_bundle, resolve_device
 
 
 def test_auto_is_float32_on_cpu_and_overridable():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.errors import NotFound, TooManyRequests
+from serve_app.core.errors import NotFound, TooManyRequests
 from serve_app.video.registry import SessionRegistry
 
 

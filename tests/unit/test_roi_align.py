@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.roi_align import install_roi_align_fallback, roi_align
+from serve_app.image.roi_align import install_roi_align_fallback, roi_align
 
 F32 = np.float32
 

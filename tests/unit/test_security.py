@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serve_app.errors import BadRequest, PayloadTooLarge, UpstreamError, UrlNotAllowed
-from serve_app.security import UrlFetcher, blocked_reason
+from serve_app.core.errors import BadRequest, PayloadTooLarge, UpstreamError, UrlNotAllowed
+from serve_app.core.security import UrlFetcher, blocked_reason
 
 RELEASE = threading.Event()  # lets the slow handler finish promptly at teardown
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from serve_app.config import Config
-from serve_app.errors import BadRequest, InvalidVideo, PayloadTooLarge
+from serve_app.core.config import Config
+from serve_app.core.errors import BadRequest, InvalidVideo, PayloadTooLarge
 from serve_app.video import io as vio
 from serve_app.video.io import (
     Video,

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serve_app.codecs import rle_decode
-from serve_app.config import Config
-from serve_app.engine import ImageEngine
-from serve_app.models import load_bundle
+from serve_app.core.config import Config
+from serve_app.image.codecs import rle_decode
+from serve_app.image.engine import ImageEngine
+from serve_app.image.models import load_bundle
 from serve_app.video.session import VideoSession
 from tests.videos import moving_frames
 

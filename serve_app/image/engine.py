@@ -11,10 +11,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve_app import postprocess as pp
-from serve_app.models import ModelBundle
-from serve_app.geometry import nms_torch, normalized_cxcywh_from_xyxy
-from serve_app.types import AutoPrompt, ConceptPrompt, Prompt, PromptResult, SegmentParams, SegmentResult, VisualPrompt
+from serve_app.core.types import (
+    AutoPrompt,
+    ConceptPrompt,
+    Prompt,
+    PromptResult,
+    SegmentParams,
+    SegmentResult,
+    VisualPrompt,
+)
+from serve_app.image import postprocess as pp
+from serve_app.image.geometry import nms_torch, normalized_cxcywh_from_xyxy
+from serve_app.image.models import ModelBundle
 
 PIXEL_MEAN = 0.5  # Sam3ImageProcessor normalises with IMAGENET_STANDARD mean/std
 PIXEL_STD = 0.5

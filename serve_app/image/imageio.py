@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serve_app.errors import InvalidImage, PayloadTooLarge
+from serve_app.core.errors import InvalidImage, PayloadTooLarge
 
 if TYPE_CHECKING:
-    from serve_app.config import Config
-    from serve_app.security import UrlFetcher
+    from serve_app.core.config import Config
+    from serve_app.core.security import UrlFetcher
 
 # Formats Pillow may parse. Deliberately short: no EPS (runs Ghostscript), no exotic decoders.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also opens MPO (phone photos)

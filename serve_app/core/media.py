@@ -9,8 +9,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from serve_app.config import Config
-from serve_app.errors import PayloadTooLarge
+from serve_app.core.config import Config
+from serve_app.core.errors import PayloadTooLarge
 
 MAX_ENTRIES = 10_000  # guards against many tiny files; the byte bound (SAM3_MEDIA_MAX_BYTES) is the real limit
 ID_BYTES = 24  # secrets.token_urlsafe(24): 32 characters, 192 random bits

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from serve_app.errors import BadRequest, PayloadTooLarge, UpstreamError, UrlNotAllowed
+from serve_app.core.errors import BadRequest, PayloadTooLarge, UpstreamError, UrlNotAllowed
 
 if TYPE_CHECKING:
-    from serve_app.config import Config
+    from serve_app.core.config import Config
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -2,7 +2,7 @@
 
 `JobBook` is the synchronous bookkeeping (one clock, no I/O); `JobStoreCore` adds what a store process needs on
 top of it: waiting for work or events, and the files of finished jobs. The JobStore deployment wraps one core;
-JobRunner replicas claim jobs, heartbeat them and report outcomes (serve_app/job_worker.py).
+JobRunner replicas claim jobs, heartbeat them and report outcomes (serve_app/jobs/worker.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_app.config import Config
-from serve_app.errors import NotFound, Sam3Error, TooManyRequests
-from serve_app.media import MediaStore
+from serve_app.core.config import Config
+from serve_app.core.errors import NotFound, Sam3Error, TooManyRequests
+from serve_app.core.media import MediaStore
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})

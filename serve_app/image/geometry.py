@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from serve_app.errors import InvalidPrompt
+from serve_app.core.errors import InvalidPrompt
 
 ArrayLike = np.ndarray | Sequence
 

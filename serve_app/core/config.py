@@ -18,8 +18,8 @@ class Config(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="`auto` picks bfloat16 on CUDA and float32 on CPU."
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds; loopback only while auth is off.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
 
     # Image limits
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest encoded image accepted.")
@@ -38,18 +38,18 @@ class Config(BaseModel):
     )
 
     # URL fetching
-    fetch_timeout_s: float = Field(10.0, gt=0)
-    fetch_max_redirects: int = Field(3, ge=0)
+    fetch_timeout_s: float = Field(10.0, gt=0, description="Deadline of one client-supplied URL fetch, all hops.")
+    fetch_max_redirects: int = Field(3, ge=0, description="Redirects followed per URL fetch, each hop re-checked.")
     url_allowlist: list[str] = Field(
         default_factory=list,
         description="Hosts, IPs or CIDRs that may be fetched even though they are private/loopback.",
     )
 
     # Segmentation defaults and caps
-    max_prompts: int = Field(16, ge=1)
+    max_prompts: int = Field(16, ge=1, description="Prompts in one request.")
     max_instances: int = Field(100, ge=1, description="Upper bound on instances returned per prompt.")
-    max_points: int = Field(64, ge=1)
-    max_boxes: int = Field(64, ge=1)
+    max_points: int = Field(64, ge=1, description="Clicks in one prompt.")
+    max_boxes: int = Field(64, ge=1, description="Boxes in one prompt.")
 
     # Caches (per ingress replica)
     embedding_cache_entries: int = Field(64, ge=0, description="Image embeddings kept for reuse (0 disables).")
@@ -85,21 +85,23 @@ class Config(BaseModel):
     jobs_sse_ping_s: float = Field(15.0, gt=0, description="Seconds between `: ping` keep-alives on /api/events.")
 
     # Serve graph
-    encoder_max_batch_size: int = Field(8, ge=1)
-    encoder_batch_wait_timeout_s: float = Field(0.01, ge=0)
+    encoder_max_batch_size: int = Field(8, ge=1, description="Most images per encoder forward (@serve.batch).")
+    encoder_batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="Longest the encoder waits for a batch to fill."
+    )
     encoder_num_gpus: float = Field(0.0, ge=0, description="GPU fraction per encoder replica (0 on CPU).")
-    decoder_num_gpus: float = Field(0.0, ge=0)
+    decoder_num_gpus: float = Field(0.0, ge=0, description="GPU fraction per decoder replica (0 on CPU).")
     decoder_prompt_batch: int = Field(
         1, ge=1, le=64,
         description="Concept prompts per DETR forward. 1 is bitwise equal to transformers called per prompt; "
         "larger batches are faster on GPU but round differently (a few boundary pixels may flip).",
     )
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica (0 keeps Ray from waiting on CPUs).")
-    encoder_replicas: int = Field(1, ge=1)
-    decoder_replicas: int = Field(1, ge=1)
-    ingress_replicas: int = Field(1, ge=1)
+    encoder_replicas: int = Field(1, ge=1, description="ImageEncoder replicas (without autoscaling).")
+    decoder_replicas: int = Field(1, ge=1, description="Decoder replicas (without autoscaling).")
+    ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (without autoscaling).")
     autoscale: bool = Field(False, description="Use Ray Serve autoscaling instead of fixed replica counts.")
-    autoscale_max_replicas: int = Field(4, ge=1)
+    autoscale_max_replicas: int = Field(4, ge=1, description="Most replicas per deployment when autoscaling.")
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait on the graph.")
 
     # Auth
@@ -129,3 +131,25 @@ class Config(BaseModel):
                 f"{_PREFIX}{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
             )
             raise ValueError(f"invalid configuration: {problems}") from None
+
+
+def _default_text(field) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, list):
+        return ",".join(value) or "(empty)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def knob_table() -> str:
+    """The Markdown table of every knob (docs/configuration.md holds it verbatim; a test keeps the two equal)."""
+    rows = ["| variable | default | what |", "|---|---|---|"]
+    for name, field in Config.model_fields.items():
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{_PREFIX}{name.upper()}` | `{_default_text(field)}` | {description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # `python -m serve_app.core.config` prints the table for the docs
+    print(knob_table())

@@ -8,8 +8,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from serve_app.errors import Sam3Error
-from serve_app.jobs import Outcome
+from serve_app.core.errors import Sam3Error
+from serve_app.jobs.store import Outcome
 
 logger = logging.getLogger(__name__)
 

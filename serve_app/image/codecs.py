@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from serve_app.errors import BadRequest, InvalidImage
+from serve_app.core.errors import BadRequest, InvalidImage
 
 # Distinct, deterministic instance colours (RGB); instance i gets PALETTE[i % len(PALETTE)].
 PALETTE: tuple[tuple[int, int, int], ...] = (

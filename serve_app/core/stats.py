@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 
@@ -29,3 +30,9 @@ class BatchStats:
             "mean_batch_size": images / batches if batches else 0.0,
             "batch_size_histogram": {str(k): v for k, v in sizes.items()},
         }
+
+
+def rss_bytes() -> int:
+    """This process' resident set size, in bytes (Linux /proc)."""
+    with open(f"/proc/{os.getpid()}/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

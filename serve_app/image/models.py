@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from serve_app.config import Config
-from serve_app.errors import ModelLoadError
-from serve_app.roi_align import install_roi_align_fallback
+from serve_app.core.config import Config
+from serve_app.core.errors import ModelLoadError
+from serve_app.image.roi_align import install_roi_align_fallback
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from serve_app.errors import Unauthorized
+from serve_app.core.errors import Unauthorized
 
 ANONYMOUS = "anonymous"
 

@@ -10,15 +10,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.config import Config
-from serve_app.errors import BadRequest, NotFound, PayloadTooLarge, Sam3Error, ValidationFailed
-from serve_app.protocols import native
+from serve_app.core.config import Config
+from serve_app.core.errors import BadRequest, NotFound, PayloadTooLarge, Sam3Error, ValidationFailed
 
 logger = logging.getLogger(__name__)
 
-# path prefix -> renderer of (error) -> (body, headers); providers register theirs; native is the fallback
+# path prefix -> renderer of (error) -> body; providers register theirs; the native shape is the fallback
 ErrorRenderer = Callable[[Sam3Error], dict]
 _RENDERERS: list[tuple[str, ErrorRenderer]] = []
+
+
+def native_error_body(exc: Sam3Error) -> dict:
+    """The native error shape, for every path no provider claims: {"error": {"code", "message", "details"?}}."""
+    error: dict = {"code": exc.code, "message": exc.message}
+    if exc.details is not None:
+        error["details"] = exc.details
+    return {"error": error}
 
 
 def register_error_shape(prefix: str, renderer: ErrorRenderer) -> None:
@@ -33,7 +40,7 @@ def route_path(request: Request) -> str:
 
 
 def error_response(path: str, exc: Sam3Error) -> JSONResponse:
-    renderer = next((r for prefix, r in _RENDERERS if path.startswith(prefix)), native.error_body)
+    renderer = next((r for prefix, r in _RENDERERS if path.startswith(prefix)), native_error_body)
     return JSONResponse(status_code=exc.status_code, content=renderer(exc))
 
 

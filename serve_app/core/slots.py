@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from serve_app.errors import ServiceUnavailable
+from serve_app.core.errors import ServiceUnavailable
 
 T = TypeVar("T")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from serve_app.errors import Sam3Error
-from serve_app.media import MediaItem
-from serve_app.slots import Slot
+from serve_app.core.errors import Sam3Error
+from serve_app.core.media import MediaItem
+from serve_app.core.slots import Slot
 
 MAX_MEDIA_ID = 64  # media ids are 32 characters: longer ones are not worth a round trip
 

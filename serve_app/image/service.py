@@ -9,15 +9,15 @@ from typing import Protocol
 
 import numpy as np
 
-from serve_app.auth import Authenticator
-from serve_app.cache import CachedEmbedding, EmbeddingCache, LogitsCache
-from serve_app.config import Config
-from serve_app.errors import Gone, InvalidImage, NotFound
-from serve_app.imageio import ImageLoader, image_digest
-from serve_app.prompts import validate_prompts
-from serve_app.security import UrlFetcher
-from serve_app.slots import Slot
-from serve_app.types import ImageInput, Prompt, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult
+from serve_app.core.auth import Authenticator
+from serve_app.core.cache import CachedEmbedding, EmbeddingCache, LogitsCache
+from serve_app.core.config import Config
+from serve_app.core.errors import Gone, InvalidImage, NotFound
+from serve_app.core.security import UrlFetcher
+from serve_app.core.slots import Slot
+from serve_app.core.types import ImageInput, Prompt, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult
+from serve_app.image.imageio import ImageLoader, image_digest
+from serve_app.image.prompts import validate_prompts
 
 
 class EmbeddingLost(Exception):

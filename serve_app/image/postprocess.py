@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serve_app.codecs import rle_encode_many
-from serve_app.geometry import nms_torch
-from serve_app.types import Instance
+from serve_app.core.types import Instance
+from serve_app.image.codecs import rle_encode_many
+from serve_app.image.geometry import nms_torch
 
 
 def concept_scores(pred_logits: torch.Tensor, presence_logits: torch.Tensor | None) -> torch.Tensor:

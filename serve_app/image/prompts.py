@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from serve_app.config import Config
-from serve_app.errors import InvalidPrompt
-from serve_app.geometry import validate_box_xyxy, validate_point
-from serve_app.types import AutoPrompt, ConceptPrompt, Prompt, VisualPrompt
+from serve_app.core.config import Config
+from serve_app.core.errors import InvalidPrompt
+from serve_app.core.types import AutoPrompt, ConceptPrompt, Prompt, VisualPrompt
+from serve_app.image.geometry import validate_box_xyxy, validate_point
 
 MAX_TEXT_CHARS = 256
 MAX_POINTS_PER_SIDE = 128

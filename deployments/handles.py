@@ -1,0 +1,142 @@
+"""Handle adapters that more than one deployment uses: deadlines and Ray errors mapped, the graph, sessions, jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.core.errors import GatewayTimeout, Gone, Sam3Error, ServiceUnavailable, TooManyRequests
+from serve_app.core.media import MediaItem
+from serve_app.core.types import Prompt, SegmentParams, SegmentResult
+from serve_app.image.service import EmbeddingLost
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The Sam3Error a remote call raised, if that is what it was."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, Sam3Error):
+        return exc.cause
+    return exc
+
+
+async def call_session(sessions, session_id: str, owner: str, method: str, *args, timeout_s: float = 600.0):
+    """Call one session method through its actor; a dead actor is 410 Gone (and forgotten), other sessions unaffected."""
+    actor = await sessions.lookup.remote(session_id, owner, True)
+    try:
+        return await asyncio.wait_for(actor.call.remote(method, *args), timeout_s)
+    except RayActorError:
+        await sessions.forget_dead.remote(session_id, owner)
+        raise Gone(
+            f"video session {session_id!r} is gone: its tracker actor died. Start a new session."
+        ) from None
+    except RayTaskError as exc:
+        raise unwrap(exc) from None
+    finally:
+        sessions.end.remote(session_id)  # fire and forget: the idle clock restarts when the call ends
+async def await_call(awaitable, timeout_s: float, on_timeout=()):
+    """Await a handle call with a deadline; turn Ray failures into errors a client can act on."""
+
+    async def wait():
+        return await awaitable
+
+    try:
+        return await asyncio.wait_for(wait(), timeout_s)
+    except asyncio.TimeoutError:
+        for pending in on_timeout:
+            pending.cancel()
+        raise GatewayTimeout(f"the model did not answer within {timeout_s:g} s (SAM3_REQUEST_TIMEOUT_S)") from None
+    except Sam3Error:
+        raise
+    except (ObjectLostError, OwnerDiedError) as exc:
+        raise EmbeddingLost(str(exc)) from None
+    except BackPressureError:
+        raise TooManyRequests("the model is at capacity; retry shortly") from None
+    except (RayActorError, RequestCancelledError) as exc:
+        logger.warning("a replica failed while serving a request: %s", exc)
+        raise ServiceUnavailable("a model replica died while serving this request; retry") from None
+
+
+class RayGraph:
+    """Encoder then decoder through deployment handles; the embedding is an ObjectRef the decoder resolves."""
+
+    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, timeout_s: float) -> None:
+        self.encoder, self.decoder, self.timeout_s = encoder, decoder, timeout_s
+        self._embedding_bytes: int | None = None
+
+    async def encode(self, image) -> object:
+        response = self.encoder.encode.remote(image)
+        ref = await await_call(response._to_object_ref(), self.timeout_s, (response,))
+        await await_call(asyncio.wrap_future(ref.future()), self.timeout_s, (response,))  # surface encoder errors here
+        return ref
+
+    async def decode(
+        self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
+    ) -> SegmentResult:
+        response = self.decoder.decode.remote(embedding, prompts, params, size)
+        return await await_call(response, self.timeout_s, (response,))
+
+    async def embedding_bytes(self) -> int:
+        if self._embedding_bytes is None:
+            info = await await_call(self.encoder.info.remote(), self.timeout_s)
+            self._embedding_bytes = int(info["embedding_bytes"])
+        return self._embedding_bytes
+
+
+class RayVideoBackend:
+    """Sessions through the VideoSessions deployment; session calls go straight to the session's actor."""
+
+    def __init__(self, sessions: DeploymentHandle) -> None:
+        self.sessions = sessions
+
+    async def create(self, owner, data, frames, fps) -> dict:
+        return await self.sessions.create.remote(owner, data, frames, fps)
+
+    async def call(self, session_id: str, owner: str, method: str, *args):
+        return await call_session(self.sessions, session_id, owner, method, *args)
+
+    async def close(self, session_id: str, owner: str) -> dict:
+        return await self.sessions.close.remote(session_id, owner)
+
+
+
+class RayJobBackend:
+    """The ingress' serve_app.jobs.backend.JobBackend: JobStore calls with a deadline and Ray errors mapped."""
+
+    def __init__(self, store: DeploymentHandle, timeout_s: float = 30.0) -> None:
+        self.store, self.timeout_s = store, timeout_s
+
+    async def _call(self, method: str, *args, wait_s: float = 0.0):
+        try:
+            return await await_call(getattr(self.store, method).remote(*args), self.timeout_s + wait_s)
+        except RayTaskError as exc:  # a store-side Sam3Error (404, 409, 429) arrives wrapped
+            if isinstance(exc.cause, Sam3Error):
+                raise exc.cause from None
+            raise
+
+    async def submit(self, tenant, model, kind, request, media_base, count) -> list[dict]:
+        return await self._call("submit", tenant, model, kind, request, media_base, count)
+
+    async def get(self, tenant: str, job_id: str) -> dict:
+        return await self._call("get", tenant, job_id)
+
+    async def active(self, tenant: str, model: str | None) -> list[dict]:
+        return await self._call("active", tenant, model)
+
+    async def cancel(self, tenant: str, job_id: str) -> dict:
+        return await self._call("cancel", tenant, job_id)
+
+    async def events(self, tenant: str, cursor: str | None, wait_s: float) -> dict:
+        return await self._call("events", tenant, cursor, wait_s, wait_s=wait_s)
+
+    async def media(self, media_id: str) -> MediaItem | None:
+        found = await self._call("media", media_id)
+        if found is None:
+            return None
+        data, content_type, owner, remaining_s = found
+        return MediaItem(data, content_type, owner, time.monotonic() + remaining_s)
