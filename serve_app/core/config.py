@@ -51,15 +51,15 @@ class Config(BaseModel):
     max_points: int = Field(64, ge=1, description="Clicks in one prompt.")
     max_boxes: int = Field(64, ge=1, description="Boxes in one prompt.")
 
-    # Caches (per ingress replica)
+    # Caches (one ImageCache replica owns them; every ingress replica reads them)
     embedding_cache_entries: int = Field(64, ge=0, description="Image embeddings kept for reuse (0 disables).")
     embedding_cache_bytes: int = Field(2 * 1024**3, ge=0, description="Byte bound of the embedding cache.")
     logits_cache_entries: int = Field(1024, ge=0, description="Images whose visual-prompt logits are kept.")
     logits_cache_bytes: int = Field(512 * 1024**2, ge=0, description="Byte bound of the logits cache.")
 
-    # Generated files (edited images and masks served back by URL, per ingress replica)
+    # Generated files (edited images and masks served back by URL, in the shared state store)
     media_max_bytes: int = Field(
-        256 * 1024**2, ge=1024, description="Byte bound of the in-memory media store; least recently used files go first."
+        256 * 1024**2, ge=1024, description="Byte bound of the shared media store; the oldest files go first."
     )
     media_ttl_s: float = Field(3600.0, gt=0, description="Seconds a generated file's URL stays valid.")
 
@@ -104,8 +104,26 @@ class Config(BaseModel):
     autoscale_max_replicas: int = Field(4, ge=1, description="Most replicas per deployment when autoscaling.")
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait on the graph.")
 
+    # Shared state (docs/architecture.md says what lives where)
+    state_dir: str = Field(
+        ".sam3-state", description="Directory of the embedded SQLite state file (media, jobs, sessions) when "
+        "SAM3_STATE_URL is empty; every replica on this machine shares it and it survives restarts."
+    )
+    state_url: str = Field(
+        "", description="`redis://host:6379/0` for clusters (every node shares it), `sqlite:////abs/path.db`, or "
+        "`memory://` (one process only: tests). Empty: SQLite under SAM3_STATE_DIR."
+    )
+
     # Auth
     api_keys: list[str] = Field(default_factory=list, description="Accepted API keys; empty disables auth.")
+
+    @field_validator("state_url")
+    @classmethod
+    def _known_state_url(cls, value: str) -> str:
+        scheme = value.partition("://")[0] if "://" in value else value
+        if value and scheme not in ("redis", "rediss", "unix", "sqlite", "memory"):
+            raise ValueError("use redis://host:port/db, sqlite:////path/state.db or memory://")
+        return value
 
     @field_validator("url_allowlist", "api_keys", mode="before")
     @classmethod
