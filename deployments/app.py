@@ -1,9 +1,10 @@
-"""`build_app(config)`: binds Ingress -> ImageEncoder -> Decoder, with replica and GPU-fraction options."""
+"""`build_app(config)`: binds Ingress -> ImageCache -> ImageEncoder -> Decoder, sessions and the queue, with options."""
 
 from __future__ import annotations
 
 from ray.serve import Application
 
+from deployments.cache import ImageCache
 from deployments.decoder import Decoder
 from deployments.encoder import ImageEncoder
 from deployments.ingress import Ingress
@@ -30,16 +31,17 @@ def build_app(config: Config) -> Application:
         max_ongoing_requests=8,
         **_scaling(config, config.decoder_replicas),
     ).bind(config)
+    cache = ImageCache.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(encoder, config)
     sessions = VideoSessions.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
     jobs = JobStore.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
     runner = JobRunner.options(
         ray_actor_options={"num_cpus": config.num_cpus}, num_replicas=config.jobs_runner_replicas
-    ).bind(encoder, decoder, sessions, jobs, config)
+    ).bind(encoder, decoder, sessions, jobs, config, cache)
     return Ingress.options(
         ray_actor_options={"num_cpus": config.num_cpus},
         max_ongoing_requests=256,
         **_scaling(config, config.ingress_replicas),
-    ).bind(encoder, decoder, config, sessions, jobs, runner)
+    ).bind(encoder, decoder, config, sessions, jobs, runner, cache)
 
 
 def app_builder(args: dict) -> Application:

@@ -10,12 +10,30 @@ from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTa
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.core.config import Config
 from serve_app.core.errors import GatewayTimeout, Gone, Sam3Error, ServiceUnavailable, TooManyRequests
-from serve_app.core.media import MediaItem
+from serve_app.core.media import MediaItem, MediaStore
+from serve_app.core.state import KV, open_kv
 from serve_app.core.types import Prompt, SegmentParams, SegmentResult
 from serve_app.image.service import EmbeddingLost
 
 logger = logging.getLogger(__name__)
+
+
+def shared_kv(config: Config) -> KV:
+    """The shared state store, under this Serve application's name: apps on one store never see each other."""
+    from ray import serve
+
+    try:
+        namespace = serve.get_replica_context().app_name or "default"
+    except Exception:  # noqa: BLE001 - outside a replica (a driver script): one namespace for it
+        namespace = "default"
+    return open_kv(config, namespace)
+
+
+def shared_media(config: Config) -> MediaStore:
+    """Generated files in the shared store: any replica serves a URL any other minted."""
+    return MediaStore(config.media_max_bytes, config.media_ttl_s, kv=shared_kv(config))
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -140,3 +158,31 @@ class RayJobBackend:
             return None
         data, content_type, owner, remaining_s = found
         return MediaItem(data, content_type, owner, time.monotonic() + remaining_s)
+
+
+class RayCaches:
+    """The ingress' serve_app.image.caches.Caches: the ImageCache replica, with deadlines and Ray errors mapped."""
+
+    def __init__(self, cache: DeploymentHandle, timeout_s: float) -> None:
+        self.cache, self.timeout_s = cache, timeout_s
+
+    async def get_embedding(self, key: tuple):
+        return await await_call(self.cache.get_embedding.remote(key), self.timeout_s)
+
+    async def encode(self, key: tuple, pixels, height: int, width: int) -> object:
+        import ray
+
+        boxed = [ray.put(pixels)]  # only the encoder replica resolves the pixels, not the cache on the way
+        return (await await_call(self.cache.encode.remote(key, boxed, height, width), self.timeout_s))[0]
+
+    async def pop_embedding(self, key: tuple) -> None:
+        await await_call(self.cache.pop_embedding.remote(key), self.timeout_s)
+
+    async def prior_logits(self, key: tuple, points: tuple, box: tuple | None):
+        return await await_call(self.cache.prior_logits.remote(key, points, box), self.timeout_s)
+
+    async def remember_logits(self, key: tuple, entry) -> None:
+        await await_call(self.cache.remember_logits.remote(key, entry), self.timeout_s)
+
+    async def stats(self) -> dict:
+        return await await_call(self.cache.stats.remote(), 10.0)

@@ -10,10 +10,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
-from deployments.handles import RayGraph, RayJobBackend, RayVideoBackend, await_call
+from deployments.handles import RayCaches, RayGraph, RayJobBackend, RayVideoBackend, await_call, shared_media
 from serve_app.core.config import Config
 from serve_app.core.errors import Sam3Error
 from serve_app.core.http import install_body_limit, install_error_handlers
+from serve_app.core.media import set_media_store
 from serve_app.core.stats import rss_bytes
 from serve_app.image.service import SegmentService, set_service
 from serve_app.jobs.backend import set_job_backend
@@ -39,6 +40,7 @@ class Ingress:
     def __init__(
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: Config, sessions: DeploymentHandle | None = None,
         jobs: DeploymentHandle | None = None, job_runner: DeploymentHandle | None = None,
+        cache: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
@@ -53,8 +55,10 @@ class Ingress:
         self.service = SegmentService(
             config, RayGraph(encoder, decoder, config.request_timeout_s),
             on_cache=lambda hit: lookups.inc(tags={"result": "hit" if hit else "miss"}),
+            caches=None if cache is None else RayCaches(cache, config.request_timeout_s),
         )
         set_service(self.service)
+        set_media_store(shared_media(config))  # any replica serves any media URL
         _config["current"] = config
         if not self.service.auth.enabled:
             logger.warning("auth is off: no SAM3_API_KEYS configured")
@@ -82,5 +86,5 @@ class Ingress:
         video = await await_call(self.sessions.stats.remote(), 10.0) if self.sessions is not None else None
         return {
             "model": self.config.model, "encoder": encoder, "decoder": decoder, "video": video,
-            "ingress_rss_bytes": rss_bytes(), **self.service.stats(),
+            "ingress_rss_bytes": rss_bytes(), **(await self.service.stats()),
         }

@@ -6,21 +6,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 
 import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.handles import RayGraph, RayVideoBackend
+from deployments.handles import RayCaches, RayGraph, RayVideoBackend, shared_kv, shared_media
 from serve_app.core.config import Config
-from serve_app.core.media import MediaStore
+from serve_app.core.state import state_location
 from serve_app.image.service import SegmentService
-from serve_app.jobs.store import JobBook, JobLimits, JobStoreCore, Outcome
+from serve_app.jobs.repo import JobRepo
+from serve_app.jobs.store import JobBook, JobLimits, Outcome
+from serve_app.jobs.storecore import JobStoreCore
 from serve_app.jobs.worker import Worker
 from serve_app.protocols.oxen_queue import OxenJobs
 
 logger = logging.getLogger(__name__)
 SWEEP_EVERY_S = 1.0
+PURGE_EVERY_SWEEPS = 30
 EPOCHS_KEPT = 64
 
 
@@ -47,15 +51,25 @@ class JobStore:
 
     def __init__(self, config: Config) -> None:
         epoch = secrets.token_hex(4)
-        book = JobBook(JobLimits.from_config(config), epoch=epoch, previous_epochs=_remember_epoch(epoch))
-        self.core = JobStoreCore(book, MediaStore(config.media_max_bytes, config.media_ttl_s))
+        self.kv = shared_kv(config)
+        repo = JobRepo(self.kv, clock=time.monotonic, wall=time.time)
+        book = JobBook(JobLimits.from_config(config), epoch=epoch, previous_epochs=_remember_epoch(epoch), repo=repo)
+        self.core = JobStoreCore(book, shared_media(config))
+        logger.info("job store %s: %d jobs restored from %s", book.epoch, len(book), state_location(config))
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
+        sweeps = 0
         while True:
             await asyncio.sleep(SWEEP_EVERY_S)
-            for job_id in self.core.book.sweep():
-                logger.warning("generation %s failed by the watchdog", job_id)
+            try:
+                for job_id in self.core.book.sweep():
+                    logger.warning("generation %s failed by the watchdog", job_id)
+                sweeps += 1
+                if sweeps % PURGE_EVERY_SWEEPS == 0:  # expired media files and events, whoever wrote them
+                    self.kv.purge_expired()
+            except Exception:  # noqa: BLE001 - the state store briefly unreachable: try again next sweep
+                logger.exception("job store sweep failed")
 
     async def submit(self, tenant: str, model: str, kind: str, request: dict, media_base: str, count: int) -> list:
         return self.core.book.submit(tenant, model, kind, request, media_base, count)
@@ -116,9 +130,10 @@ class JobRunner:
 
     def __init__(
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, sessions: DeploymentHandle,
-        store: DeploymentHandle, config: Config,
+        store: DeploymentHandle, config: Config, cache: DeploymentHandle | None = None,
     ) -> None:
-        service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s))
+        caches = None if cache is None else RayCaches(cache, config.request_timeout_s)
+        service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s), caches=caches)
         worker_id = ray.get_runtime_context().get_actor_name() or ray.get_runtime_context().get_actor_id()
         self.worker = Worker(
             StoreQueue(store), OxenJobs(service, RayVideoBackend(sessions)), worker_id,

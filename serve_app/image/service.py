@@ -10,12 +10,12 @@ from typing import Protocol
 import numpy as np
 
 from serve_app.core.auth import Authenticator
-from serve_app.core.cache import CachedEmbedding, EmbeddingCache, LogitsCache
 from serve_app.core.config import Config
 from serve_app.core.errors import Gone, InvalidImage, NotFound
 from serve_app.core.security import UrlFetcher
 from serve_app.core.slots import Slot
 from serve_app.core.types import ImageInput, Prompt, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult
+from serve_app.image.caches import Caches, LocalCaches
 from serve_app.image.imageio import ImageLoader, image_digest
 from serve_app.image.prompts import validate_prompts
 
@@ -39,14 +39,15 @@ class Graph(Protocol):
 class SegmentService:
     """One per ingress replica: image loading, the embedding and logits caches, auth, and the graph."""
 
-    def __init__(self, config: Config, graph: Graph, on_cache: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self, config: Config, graph: Graph, on_cache: Callable[[bool], None] | None = None, caches: Caches | None = None,
+    ) -> None:
         self.config = config
         self.graph = graph
         self.on_cache = on_cache or (lambda hit: None)  # the ingress feeds Ray metrics from it
         self.loader = ImageLoader.from_config(config, UrlFetcher.from_config(config))
         self.auth = Authenticator(config.api_keys)
-        self.embeddings = EmbeddingCache(config.embedding_cache_entries, config.embedding_cache_bytes)
-        self.logits = LogitsCache(config.logits_cache_entries, config.logits_cache_bytes)
+        self.caches = caches if caches is not None else LocalCaches(config, graph)  # Serve: the ImageCache replica
 
     async def load_pixels(self, source: str) -> tuple[np.ndarray, str]:
         """Decode an image (for rendering overlays); returns pixels and the digest of the encoded bytes."""
@@ -60,7 +61,7 @@ class SegmentService:
     async def load(self, image: ImageInput, tenant: str, need_pixels: bool = False) -> ResolvedImage:
         """All that can be had without the encoder: a cached embedding, or the decoded pixels and their size."""
         if image.image_id is not None and not need_pixels:
-            hit = self.embeddings.get((tenant, image.image_id))
+            hit = await self.caches.get_embedding((tenant, image.image_id))
             if hit is not None:
                 self.on_cache(True)
                 return ResolvedImage(image.image_id, hit.height, hit.width, hit.embedding, cache_hit=True)
@@ -72,7 +73,7 @@ class SegmentService:
             raise InvalidImage("no image given: send the image (base64, data URI or URL) or a cached image_id")
         data = await self.loader.load_bytes(image.source)
         key = image.image_id or image_digest(data)
-        hit = self.embeddings.get((tenant, key))
+        hit = await self.caches.get_embedding((tenant, key))
         self.on_cache(hit is not None)
         pixels = await asyncio.to_thread(self.loader.decode, data) if hit is None or need_pixels else None
         if hit is not None:
@@ -82,9 +83,9 @@ class SegmentService:
     async def encode(self, resolved: ResolvedImage, tenant: str) -> ResolvedImage:
         """Run the encoder for an image `load` did not find in the cache, and cache the embedding."""
         if resolved.embedding is None:
-            resolved.embedding = await self.graph.encode(resolved.pixels)
-            entry = CachedEmbedding(resolved.embedding, resolved.height, resolved.width)
-            self.embeddings.put((tenant, resolved.key), entry, await self.graph.embedding_bytes())
+            resolved.embedding = await self.caches.encode(
+                (tenant, resolved.key), resolved.pixels, resolved.height, resolved.width
+            )
         return resolved
 
     async def segment(
@@ -97,7 +98,7 @@ class SegmentService:
         try:
             result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size)
         except EmbeddingLost:
-            self.embeddings.pop((tenant, resolved.key))
+            await self.caches.pop_embedding((tenant, resolved.key))
             if not request.image.source:
                 raise Gone(f"the cached embedding for image_id {resolved.key!r} was lost; send the image again") from None
             resolved = await self.resolve(request.image, tenant, need_pixels)
@@ -106,8 +107,8 @@ class SegmentService:
         result.timings_ms["cache_hit"] = float(resolved.cache_hit)
         return result, resolved
 
-    def stats(self) -> dict:
-        return {"embedding_cache": self.embeddings.stats(), "logits_cache": self.logits.stats()}
+    async def stats(self) -> dict:
+        return await self.caches.stats()
 
 
 _slot: Slot[SegmentService] = Slot("the service is starting")

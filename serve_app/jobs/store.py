@@ -1,13 +1,13 @@
 """The async queue, free of Ray: job records and their state machine, per-key event logs, heartbeats, expiry.
 
-`JobBook` is the synchronous bookkeeping (one clock, no I/O); `JobStoreCore` adds what a store process needs on
-top of it: waiting for work or events, and the files of finished jobs. The JobStore deployment wraps one core;
-JobRunner replicas claim jobs, heartbeat them and report outcomes (serve_app/jobs/worker.py).
+`JobBook` is the synchronous bookkeeping (one clock; with a JobRepo it writes through to the shared state store,
+serve_app/jobs/repo.py); `JobStoreCore` (serve_app/jobs/storecore.py) adds waiting for work or events and the
+files of finished jobs. The JobStore deployment wraps one core; JobRunner replicas claim jobs, heartbeat them and
+report outcomes (serve_app/jobs/worker.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 import uuid
@@ -18,7 +18,7 @@ from typing import Any
 
 from serve_app.core.config import Config
 from serve_app.core.errors import NotFound, Sam3Error, TooManyRequests
-from serve_app.core.media import MediaStore
+from serve_app.jobs.repo import JobRepo, Loaded
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -155,7 +155,7 @@ class JobBook:
     def __init__(
         self, limits: JobLimits, *, epoch: str | None = None, previous_epochs: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[], None] | None = None, repo: JobRepo | None = None,
     ) -> None:
         self.limits = limits
         self.epoch = epoch or secrets.token_hex(4)
@@ -169,6 +169,9 @@ class JobBook:
         self._running: Counter[str] = Counter()  # running per key
         self._events: dict[str, deque[Event]] = {}
         self.last_seq = 0
+        self.repo = repo
+        if repo is not None:
+            self._restore(repo.load())
 
     # ---------------------------------------------------------------- clients
 
@@ -192,6 +195,7 @@ class JobBook:
             self._jobs[job.id] = job
             self._queue[job.id] = None
             self._active[tenant] += 1
+            self._save(job)
         self.on_change()
         return [job.view() for job in jobs]
 
@@ -243,6 +247,7 @@ class JobBook:
         now = self.clock()
         best.status, best.worker, best.started_at, best.started, best.beat = RUNNING, worker, self.wall(), now, now
         self._running[best.tenant] += 1
+        self._save(best)
         return best.work()
 
     def heartbeat(self, job_id: str, worker: str) -> bool:
@@ -278,6 +283,7 @@ class JobBook:
             self._running[job.tenant] -= 1
             self._queue[job.id] = None
             self._queue.move_to_end(job.id, last=False)
+            self._save(job)
         if mine:
             self.on_change()
         return len(mine)
@@ -305,7 +311,9 @@ class JobBook:
         for tenant in list(self._events):
             log = self._events[tenant]
             while log and now - log[0].at > self.limits.ttl_s:
-                log.popleft()
+                expired = log.popleft()
+                if self.repo is not None:
+                    self.repo.drop_event(expired.seq)
             if not log:
                 del self._events[tenant]
         return failed
@@ -344,73 +352,49 @@ class JobBook:
         self._finished[job.id] = None
         self.last_seq += 1
         event = Event(self.last_seq, EVENT_NAMES[status], job.view(with_result=False), self.clock())
-        self._events.setdefault(job.tenant, deque(maxlen=EVENTS_PER_KEY)).append(event)
+        log = self._events.setdefault(job.tenant, deque(maxlen=EVENTS_PER_KEY))
+        if self.repo is not None:
+            if len(log) == log.maxlen:
+                self.repo.drop_event(log[0].seq)
+            self.repo.save_job(job)
+            self.repo.save_event(job.tenant, event, self.limits.ttl_s)
+            self.repo.save_meta(self.epoch, self.last_seq)
+        log.append(event)
         self.on_change()
 
     def _drop(self, job_id: str) -> None:
         self._finished.pop(job_id, None)
         del self._jobs[job_id]  # only finished jobs are dropped
+        if self.repo is not None:
+            self.repo.drop_job(job_id)
+
+    def _save(self, job: Job) -> None:
+        if self.repo is not None:
+            self.repo.save_job(job)
+
+    def _restore(self, loaded: Loaded) -> None:
+        """Continue from what the repo holds: the same epoch (ids and cursors stay valid), every job, every event."""
+        if loaded.epoch:
+            self.epoch = loaded.epoch
+            self.previous_epochs = self.previous_epochs - {self.epoch}
+        self.last_seq = loaded.last_seq
+        for record in loaded.jobs:
+            job = Job(**record)
+            self._jobs[job.id] = job
+            if job.status in TERMINAL:
+                continue
+            self._active[job.tenant] += 1
+            if job.status == QUEUED:
+                self._queue[job.id] = None
+            else:  # running: its worker gets one heartbeat period to show it is alive, then the watchdog decides
+                job.beat = self.clock()
+                self._running[job.tenant] += 1
+        for job in sorted((j for j in self._jobs.values() if j.status in TERMINAL), key=lambda j: j.finished):
+            self._finished[job.id] = None
+        for record in loaded.events:
+            log = self._events.setdefault(record["tenant"], deque(maxlen=EVENTS_PER_KEY))
+            log.append(Event(record["seq"], record["name"], record["data"], record["at"]))
+        self.repo.save_meta(self.epoch, self.last_seq)
 
     def __len__(self) -> int:
         return len(self._jobs)
-
-
-class JobStoreCore:
-    """A JobBook plus what its process needs: long-polls for work and events, and finished jobs' files."""
-
-    def __init__(self, book: JobBook, media: MediaStore) -> None:
-        self.book, self.media = book, media
-        self._changed = asyncio.Event()
-        book.on_change = self._wake
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _wait(self, seconds: float) -> None:
-        changed = self._changed  # taken before awaiting: no change can slip in between (one event loop)
-        try:
-            await asyncio.wait_for(changed.wait(), max(0.0, seconds))
-        except asyncio.TimeoutError:
-            pass
-
-    async def claim(self, worker: str, wait_s: float) -> dict | None:
-        """The next job for `worker`, waiting up to wait_s seconds for one."""
-        deadline = time.monotonic() + wait_s
-        while (work := self.book.claim(worker)) is None and time.monotonic() < deadline:
-            await self._wait(deadline - time.monotonic())
-        return work
-
-    def finish(self, job_id: str, worker: str, outcome: Outcome) -> bool:
-        """Store the outcome's files under the ids its URLs already name, then record it."""
-        tenant = self.book.running_tenant(job_id, worker)
-        if tenant is None:
-            return False
-        try:
-            for media_id, data, content_type in outcome.files:
-                self.media.put(data, content_type, tenant, media_id=media_id)
-        except Sam3Error as exc:
-            outcome = Outcome.failure(exc.code, exc.message)
-        return self.book.finish(job_id, worker, outcome)
-
-    async def events(self, tenant: str, cursor: str | None, wait_s: float) -> dict:
-        """The key's events after `cursor` ("<epoch>-<seq>"; none or another epoch's: the replay window),
-        waiting up to wait_s seconds for one. Returns {"cursor", "events": [{"id", "event", "data"}]}."""
-        after = self.parse_cursor(cursor)
-        deadline = time.monotonic() + wait_s
-        while not (found := self.book.events_after(tenant, after)) and time.monotonic() < deadline:
-            await self._wait(deadline - time.monotonic())
-        last = found[-1].seq if found else (self.book.last_seq if after is None else after)
-        epoch = self.book.epoch
-        return {"cursor": f"{epoch}-{last}",
-                "events": [{"id": f"{epoch}-{e.seq}", "event": e.name, "data": e.data} for e in found]}
-
-    def parse_cursor(self, cursor: str | None) -> int | None:
-        epoch, _, seq = (cursor or "").strip().partition("-")
-        if epoch != self.book.epoch or not seq.isdigit():
-            return None
-        return min(int(seq), self.book.last_seq)
-
-    def get_media(self, media_id: str) -> tuple[bytes, str, str, float] | None:
-        item = self.media.get(media_id)
-        return None if item is None else (item.data, item.content_type, item.owner, self.media.remaining_s(item))

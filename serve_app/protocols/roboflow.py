@@ -262,11 +262,11 @@ def click_history(prompt: VisualPrompt) -> tuple[tuple, Box | None]:
     return tuple((x, y, label) for (x, y), label in zip(prompt.points, prompt.point_labels)), prompt.box
 
 
-def prior_logits(service: SegmentService, key: tuple, prompt: VisualPrompt) -> np.ndarray | None:
+async def prior_logits(service: SegmentService, key: tuple, prompt: VisualPrompt) -> np.ndarray | None:
     """Logits of the longest cached prompt (same box) whose clicks are a strict prefix of this one's, as Roboflow
     looks them up: re-sending an identical prompt never feeds it its own logits. None when nothing matches."""
     points, box = click_history(prompt)
-    return service.logits.best_prefix(key, points[:-1], box) if points else None
+    return await service.caches.prior_logits(key, points[:-1], box) if points else None
 
 
 # ---------------------------------------------------------------- internal -> wire
@@ -331,14 +331,14 @@ async def _segment_visual(service: SegmentService, body: VisualSegmentIn, tenant
     if body.load_logits_from_cache:
         key = (await service.resolve(image, tenant)).key  # the cache key is known only once the image is
         image = ImageInput(image.source, key)
-        prompts = [replace(p, mask_logits=prior_logits(service, (tenant, key), p)) for p in prompts]
+        prompts = [replace(p, mask_logits=await prior_logits(service, (tenant, key), p)) for p in prompts]
     params = SegmentParams(max_instances=service.config.max_instances, return_logits=body.save_logits_to_cache)
     result, resolved = await service.segment(SegmentRequest(image, prompts, params), tenant)
     if body.save_logits_to_cache:
         for r in result.prompts:
             if r.low_res_logits is not None and len(r.low_res_logits):
                 points, box = click_history(prompts[r.prompt_index])
-                service.logits.remember((tenant, resolved.key), CachedLogits(points, box, r.low_res_logits[0]))
+                await service.caches.remember_logits((tenant, resolved.key), CachedLogits(points, box, r.low_res_logits[0]))
     return result
 
 

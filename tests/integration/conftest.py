@@ -20,12 +20,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+STATE: dict[str, str] = {}  # this session's state directory: apps never find state an earlier run left
+
+
 @pytest.fixture(scope="session")
-def serve_instance():
+def serve_instance(tmp_path_factory):
     """Ray (2 CPUs, deployments ask for 0) and Serve's proxy on a free loopback port; yields the base URL."""
     import ray
     from ray import serve
 
+    STATE["dir"] = str(tmp_path_factory.mktemp("state"))
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -47,6 +51,8 @@ def deploy(name: str, config: Config, base_url: str) -> str:
 
     from deployments.app import build_app
 
+    if not config.state_url and config.state_dir == Config().state_dir and STATE:
+        config = config.model_copy(update={"state_dir": STATE["dir"]})
     serve.run(build_app(config), name=name, route_prefix=f"/{name}")
     return f"{base_url}/{name}"
 

@@ -17,11 +17,11 @@ from serve_app.jobs.store import (
     Conflict,
     JobBook,
     JobLimits,
-    JobStoreCore,
     Outcome,
     echo_params,
     epoch_of,
 )
+from serve_app.jobs.storecore import JobStoreCore
 from serve_app.jobs.worker import Worker
 from serve_app.protocols.oxen_queue import FileCollector, sse_frame
 
