@@ -93,6 +93,7 @@ class Job:
     result_url: str | None = None
     error_code: str | None = None
     error_message: str | None = None
+    restored: bool = False  # running when a store restarted: if its worker stays silent, it runs again
 
     def view(self, with_result: bool = True) -> dict:
         """The generation as GET /api/ai/queue/{id} shows it (events carry it without `result`)."""
@@ -255,7 +256,7 @@ class JobBook:
         job = self._owned_by(job_id, worker)
         if job is None:
             return False
-        job.beat = self.clock()
+        job.beat, job.restored = self.clock(), False  # its worker is alive: a later silence is its death
         return True
 
     def running_tenant(self, job_id: str, worker: str) -> str | None:
@@ -294,6 +295,9 @@ class JobBook:
         """Fail running jobs whose worker went silent or that ran too long; drop expired jobs and events."""
         now, failed = self.clock(), []
         for job in [j for j in self._jobs.values() if j.status == RUNNING]:
+            if now - job.beat > self.limits.heartbeat_timeout_s and job.restored:
+                self._requeue(job)  # its worker went down with the store (a service restart): nothing is lost
+                continue
             if now - job.beat > self.limits.heartbeat_timeout_s:
                 silent = f"no heartbeat for {self.limits.heartbeat_timeout_s:g} s"
                 self._end(job, FAILED, error=("worker_died", f"{WORKER_DIED} ({silent}); submit it again"))
@@ -368,6 +372,15 @@ class JobBook:
         if self.repo is not None:
             self.repo.drop_job(job_id)
 
+    def _requeue(self, job: Job) -> None:
+        """A restored job whose worker did not come back: queued again, at the front (it was claimed first)."""
+        self._running[job.tenant] -= 1
+        job.status, job.worker, job.started_at, job.restored = QUEUED, None, None, False
+        self._queue[job.id] = None
+        self._queue.move_to_end(job.id, last=False)
+        self._save(job)
+        self.on_change()
+
     def _save(self, job: Job) -> None:
         if self.repo is not None:
             self.repo.save_job(job)
@@ -386,8 +399,8 @@ class JobBook:
             self._active[job.tenant] += 1
             if job.status == QUEUED:
                 self._queue[job.id] = None
-            else:  # running: its worker gets one heartbeat period to show it is alive, then the watchdog decides
-                job.beat = self.clock()
+            else:  # running: its worker gets one heartbeat period to show it is alive, else the job runs again
+                job.beat, job.restored = self.clock(), True
                 self._running[job.tenant] += 1
         for job in sorted((j for j in self._jobs.values() if j.status in TERMINAL), key=lambda j: j.finished):
             self._finished[job.id] = None

@@ -14,7 +14,7 @@ from serve_app.jobs.store import Outcome
 logger = logging.getLogger(__name__)
 
 Execute = Callable[[dict], Awaitable[Outcome]]  # Job.work() -> outcome; raising is a failed job
-FINISH_TRIES = 5
+FINISH_TRIES = 30  # a second apart: longer than a store replica takes to restart
 
 
 class JobQueue(Protocol):

@@ -65,7 +65,9 @@ def test_queued_running_and_finished_jobs_survive_a_store_restart(kv):
     assert second.stats()["running"] == 2 and second.stats()["succeeded"] == 1
 
 
-def test_a_running_job_whose_worker_died_with_the_store_is_failed_not_stuck(kv):
+def test_a_running_job_whose_worker_died_with_the_store_runs_again_once(kv):
+    """A whole-service restart: the worker is gone too. The job is queued again, not failed, and runs once more;
+    the old worker, should it come back, has lost it (no job runs twice)."""
     clocks = Clocks()
     first = open_book(kv, clocks, heartbeat_timeout_s=10)
     job = first.submit(A, "sam-3-image", "image", REQUEST, "http://h/", 1)[0]["generation_id"]
@@ -73,12 +75,24 @@ def test_a_running_job_whose_worker_died_with_the_store_is_failed_not_stuck(kv):
     clocks.advance(100)
     clocks.restart_process()
     second = open_book(kv, clocks, heartbeat_timeout_s=10)
-    assert second.sweep() == [], "a restarted store gives running jobs one heartbeat period first"
+    second.sweep()
+    assert second.get(A, job)["status"] == "running", "a restarted store gives running jobs one heartbeat period"
     clocks.advance(11)
-    assert second.sweep() == [job] and second.get(A, job)["status"] == "failed"
-    assert "worker" in second.get(A, job)["error_message"]
-    third = open_book(kv, clocks, heartbeat_timeout_s=10)
-    assert third.get(A, job)["status"] == "failed", "the failure itself was stored"
+    assert second.sweep() == [] and second.get(A, job)["status"] == "queued"
+    assert open_book(kv, clocks, heartbeat_timeout_s=10).get(A, job)["status"] == "queued", "the requeue was stored"
+    assert second.claim("w-new")["id"] == job and not second.heartbeat(job, "w-dead")
+    assert not second.finish(job, "w-dead", Outcome(result={})) and second.finish(job, "w-new", Outcome(result={}))
+    clocks.advance(11)
+    assert second.get(A, job)["status"] == "succeeded"
+
+
+def test_a_worker_dying_outside_a_restart_still_fails_its_job(kv):
+    clocks = Clocks()
+    book = open_book(kv, clocks, heartbeat_timeout_s=10)
+    job = book.submit(A, "sam-3-image", "image", REQUEST, "http://h/", 1)[0]["generation_id"]
+    book.claim("w")
+    clocks.advance(11)
+    assert book.sweep() == [job] and "worker" in book.get(A, job)["error_message"]
 
 
 def test_events_continue_their_numbering_and_expired_records_are_deleted(kv):
