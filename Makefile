@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test unit integration bench install clean
+.PHONY: serve test unit integration bench install clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,20 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m serve_app.main
 
-test: $(STAMP)
+# Debian packages the tests use for real (never mocks): redis-server for the Redis state backend, jq for the docs'
+# curl examples. Installed with apt when missing and we are root; otherwise those tests skip and say why.
+SYSTEM_TOOLS := redis-server:redis-server jq:jq
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing with apt-get"; \
+	    (apt-get install -y -qq $$missing >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null)) \
+	      || echo "could not install$$missing: the tests that need them will skip"; \
+	  else echo "missing$$missing (not root or no apt-get): the tests that need them will skip"; fi; fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 unit: $(STAMP)

@@ -86,5 +86,6 @@ class Ingress:
         video = await await_call(self.sessions.stats.remote(), 10.0) if self.sessions is not None else None
         return {
             "model": self.config.model, "encoder": encoder, "decoder": decoder, "video": video,
-            "ingress_rss_bytes": rss_bytes(), **(await self.service.stats()),
+            "ingress_rss_bytes": rss_bytes(), "ingress_replica": serve.get_replica_context().replica_id.unique_id,
+            **(await self.service.stats()),
         }

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from serve_app.core.config import Config
 from serve_app.core.errors import ModelLoadError
@@ -38,7 +39,8 @@ def main() -> int:
         print(f"sam3-serve: cannot start: {exc}", file=sys.stderr)
         return 2
 
-    config = config.model_copy(update={"host": bind_host(config)})
+    state_dir = str(Path(config.state_dir).expanduser().absolute())  # every process on this box, one file
+    config = config.model_copy(update={"host": bind_host(config), "state_dir": state_dir})
 
     import ray
     from ray import serve

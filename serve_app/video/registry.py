@@ -57,6 +57,11 @@ class SessionRegistry(Generic[H]):
             self._open[session_id] = record
         return record
 
+    def adopt(self, session_id: str, owner: str, handle: H) -> SessionRecord[H]:
+        """A session that outlived the registry's last process (its actor is detached): open again, under the cap."""
+        self.reserve()
+        return self.add(session_id, owner, handle)
+
     def get(self, session_id: str, owner: str, begin: bool = False) -> SessionRecord[H]:
         """The owner's session (touched); with begin, a call on it starts and must be `end`ed."""
         with self._lock:
@@ -87,14 +92,14 @@ class SessionRegistry(Generic[H]):
                 return None
         raise NotFound(f"no video session {session_id!r}")
 
-    def expired(self) -> list[SessionRecord[H]]:
+    def expired(self, everything: bool = False) -> list[SessionRecord[H]]:
         """Remove and return every session idle longer than the TTL (a running call keeps it alive, up to 4 TTLs,
-        in case the caller died without ending it)."""
+        in case the caller died without ending it); with `everything`, every open session (shutdown)."""
         now = self.clock()
         with self._lock:
             stale = [
                 r for r in self._open.values()
-                if now - r.last_used > (4 * self.ttl_s if r.inflight else self.ttl_s)
+                if everything or now - r.last_used > (4 * self.ttl_s if r.inflight else self.ttl_s)
             ]
             for record in stale:
                 del self._open[record.session_id]

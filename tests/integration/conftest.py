@@ -144,9 +144,10 @@ def image_server():
 
 @pytest.fixture(scope="session")
 def providers_url(serve_instance) -> str:
-    """The graph with API keys on (API_KEY, OTHER_KEY) and 127.0.0.1 allow-listed for image URLs."""
+    """The graph with API keys on (API_KEY, OTHER_KEY), 127.0.0.1 allow-listed for image URLs, 3 ingress replicas."""
     config = Config(api_keys=[API_KEY, OTHER_KEY], url_allowlist=["127.0.0.1"], encoder_batch_wait_timeout_s=0.01,
-                    jobs_sse_ping_s=1.0)  # /api/events keep-alives every second, so tests see them quickly
+                    jobs_sse_ping_s=1.0,  # /api/events keep-alives every second, so tests see them quickly
+                    ingress_replicas=3)  # every provider test runs against several ingress replicas
     return deploy("providers", config, serve_instance)
 
 

@@ -431,8 +431,9 @@ def test_killing_the_worker_fails_its_job_and_the_queue_recovers(providers_url, 
     assert _runner_actor_names() and _runner_actor_names() != [name]
 
 
-def test_a_restarted_job_store_reports_its_lost_generations(providers_url, image_server):
-    """The store's records are in memory: after it dies, its ids answer `failed` / `job_lost`, never a bare 404."""
+def test_a_restarted_job_store_loses_no_generation(providers_url, image_server):
+    """The store's records are in the shared state store: a video generation queued or running when the store
+    replica dies still ends `succeeded`, and unknown ids stay a plain 404."""
     import ray
 
     body = {"model": "sam-3-video", "input_video": f"{image_server}/video/16.mp4", "prompt": "the ox horns"}
@@ -440,15 +441,14 @@ def test_a_restarted_job_store_reports_its_lost_generations(providers_url, image
     (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                if a["name"].startswith("SERVE_REPLICA::providers#JobStore#")]
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
         response = requests.get(f"{providers_url}{QUEUE}/{gen_id}", headers=headers(), timeout=30)
-        if response.status_code == 200:
+        if response.status_code == 200 and response.json()["status"] in ("succeeded", "failed", "cancelled"):
             break
-        assert response.status_code in (503, 504) and time.monotonic() < deadline, response.text
+        assert response.status_code in (200, 503, 504) and time.monotonic() < deadline, response.text
         time.sleep(0.5)
-    record = response.json()
-    assert (record["generation_id"], record["status"], record["error_code"]) == (gen_id, "failed", "job_lost")
+    check_succeeded(response.json(), gen_id, providers_url)
     assert_error(requests.get(f"{providers_url}{QUEUE}/{uuid.uuid4()}", headers=headers(), timeout=30), 404,
                  "resource_not_found")
     image = seed_image_bodies(image_url(image_server, 10, (96, 128)))[0]
