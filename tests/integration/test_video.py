@@ -308,3 +308,31 @@ def test_fifty_sessions_return_memory(video_url, clip):
     assert not [pid for pid in pids if _alive(pid)], "every closed session's actor process has exited"
     assert requests.get(f"{video_url}/v1/stats", timeout=30).json()["video"]["open_sessions"] == 0
     assert ingress1 <= ingress0 * 1.10 and sessions1 <= sessions0 * 1.10
+
+
+def test_sessions_survive_a_video_sessions_replica_restart(video_url, clip):
+    """The registry is in the shared state store and tracker actors are detached: after the VideoSessions replica
+    dies, a session opened before answers as before (same tracked object), and another key still sees nothing."""
+    import ray
+
+    sid = start(video_url, clip).json()["session_id"]
+    try:
+        assert prompt(video_url, sid, {"frame_index": 0, "points": [[20, 20]], "point_labels": [1]}).status_code == 200
+        before = frames_of(propagate(video_url, sid, max_frames=1))
+        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("SERVE_REPLICA::video#VideoSessions#")]
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+        deadline = time.monotonic() + 120
+        while True:
+            response = requests.get(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=30)
+            if response.status_code == 200:
+                break
+            assert response.status_code in (500, 503, 504) and time.monotonic() < deadline, response.text
+            time.sleep(0.5)
+        after = frames_of(propagate(video_url, sid, max_frames=1))
+        assert [f["frame_index"] for f in after] == [f["frame_index"] for f in before]
+        assert [o["object_id"] for o in after[0]["objects"]] == [o["object_id"] for o in before[0]["objects"]]
+        assert requests.get(f"{video_url}/v1/video/sessions/{sid}", headers=OTHER, timeout=30).status_code == 404
+    finally:
+        requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
+    assert requests.get(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=30).status_code == 404
