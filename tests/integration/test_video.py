@@ -317,7 +317,8 @@ def test_sessions_survive_a_video_sessions_replica_restart(video_url, clip):
 
     sid = start(video_url, clip).json()["session_id"]
     try:
-        assert prompt(video_url, sid, {"frame_index": 0, "points": [[20, 20]], "point_labels": [1]}).status_code == 200
+        clicked = prompt(video_url, sid, {"frame_index": 0, "object_id": 1, "points": [[30, 45]], "point_labels": [1]})
+        assert clicked.status_code == 200, clicked.text
         before = frames_of(propagate(video_url, sid, max_frames=1))
         (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                    if a["name"].startswith("SERVE_REPLICA::video#VideoSessions#")]
