@@ -281,14 +281,17 @@ def _alive(pid: int) -> bool:
     return open(f"/proc/{pid}/stat").read().split()[2] != "Z"  # a zombie has exited
 
 
-def test_fifty_sessions_return_memory(video_url, clip):
+SESSIONS_OPENED = 24  # each starts an actor (~4 s on 2 cores); enough to show growth, within the suite's budget
+
+
+def test_many_sessions_return_memory(video_url, clip):
     for _ in range(3):  # warm-up: first sessions allocate caches and code paths
         assert start_and_close(video_url, clip)
     time.sleep(2.0)
     ingress0, sessions0 = _serve_rss(video_url)
     node0 = _node_used_bytes()
     pids = []
-    for i in range(50):
+    for i in range(SESSIONS_OPENED):
         response = start(video_url, clip)
         assert response.status_code == 201, f"session {i}: {response.text}"
         sid = response.json()["session_id"]
@@ -300,11 +303,11 @@ def test_fifty_sessions_return_memory(video_url, clip):
     node1 = _node_used_bytes()
     mib = 1024 * 1024
     print(
-        f"\n50 sessions opened and closed: ingress RSS {ingress0 / mib:.0f} -> {ingress1 / mib:.0f} MiB, "
+        f"\n{SESSIONS_OPENED} sessions opened and closed: ingress RSS {ingress0 / mib:.0f} -> {ingress1 / mib:.0f} MiB, "
         f"VideoSessions RSS {sessions0 / mib:.0f} -> {sessions1 / mib:.0f} MiB, "
         f"node used {node0 / mib:.0f} -> {node1 / mib:.0f} MiB ({(node1 - node0) / node0:+.1%})"
     )
-    assert len(set(pids)) == 50, "one actor process per session"
+    assert len(set(pids)) == SESSIONS_OPENED, "one actor process per session"
     assert not [pid for pid in pids if _alive(pid)], "every closed session's actor process has exited"
     assert requests.get(f"{video_url}/v1/stats", timeout=30).json()["video"]["open_sessions"] == 0
     assert ingress1 <= ingress0 * 1.10 and sessions1 <= sessions0 * 1.10
