@@ -13,7 +13,7 @@ from ray.util import metrics
 from deployments.handles import RayCaches, RayGraph, RayJobBackend, RayVideoBackend, await_call, shared_media
 from serve_app.core.config import Config
 from serve_app.core.errors import Sam3Error
-from serve_app.core.http import install_body_limit, install_error_handlers
+from serve_app.core.http import SafeJSONResponse, install_body_limit, install_error_handlers
 from serve_app.core.media import set_media_store
 from serve_app.core.stats import rss_bytes
 from serve_app.image.service import SegmentService, set_service
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 DESCRIPTION = """Segment Anything 3 over HTTP. The native API is `/v1`; provider-compatible routes mirror
 Oxen.ai, Segmind, Roboflow and the SAM3 Hugging Face Space. Masks are COCO RLE, polygons or PNG."""
 
-app = FastAPI(title="sam3-serve", version="0.1.0", description=DESCRIPTION)
+app = FastAPI(title="sam3-serve", version="0.1.0", description=DESCRIPTION, default_response_class=SafeJSONResponse)
 install_error_handlers(app)
 _config = {"current": Config()}  # replaced by the replica's own config when it starts
 install_body_limit(app, lambda: _config["current"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -39,9 +40,19 @@ def route_path(request: Request) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that any string a client sent can pass through: a lone surrogate (valid JSON, not UTF-8) is escaped."""
+
+    def render(self, content: object) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(path: str, exc: Sam3Error) -> JSONResponse:
     renderer = next((r for prefix, r in _RENDERERS if path.startswith(prefix)), native_error_body)
-    return JSONResponse(status_code=exc.status_code, content=renderer(exc))
+    return SafeJSONResponse(status_code=exc.status_code, content=renderer(exc))
 
 
 def _describe(errors: list[dict]) -> tuple[str, list[dict]]:
