@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# torch first: a bare `torch` requirement would pull the multi-GB CUDA stack on a CPU machine.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet -e ".[test]"
+	# inference-sdk pins opencv-python (a second cv2 over the headless one) and an older numpy: its own
+	# dependencies are in the test extra, the package itself goes in without them (docs/sdks.md)
+	$(PIP) install --quiet --no-deps inference-sdk==1.8.3
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,8 +25,8 @@ serve: $(STAMP)
 	$(PY) -m serve_app.main
 
 # Debian packages the tests use for real (never mocks): redis-server for the Redis state backend, jq for the docs'
-# curl examples. Installed with apt when missing and we are root; otherwise those tests skip and say why.
-SYSTEM_TOOLS := redis-server:redis-server jq:jq
+# curl examples, chromium for the web UI's browser test (Playwright cannot download browsers here). Installed with apt when missing and we are root; otherwise those tests skip and say why.
+SYSTEM_TOOLS := redis-server:redis-server jq:jq chromium:chromium
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

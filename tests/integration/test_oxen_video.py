@@ -436,7 +436,7 @@ def test_a_restarted_job_store_loses_no_generation(providers_url, image_server):
     replica dies still ends `succeeded`, and unknown ids stay a plain 404."""
     import ray
 
-    body = {"model": "sam-3-video", "input_video": f"{image_server}/video/16.mp4", "prompt": "the ox horns"}
+    body = {"model": "sam-3-video", "input_video": f"{image_server}/video/{FRAMES}.mp4", "prompt": "the ox horns"}
     gen_id = enqueue(providers_url, body)
     (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                if a["name"].startswith("SERVE_REPLICA::providers#JobStore#")]
