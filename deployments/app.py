@@ -9,6 +9,7 @@ from deployments.decoder import Decoder
 from deployments.encoder import ImageEncoder
 from deployments.ingress import Ingress
 from deployments.jobs import JobRunner, JobStore
+from deployments.ui import WebUI
 from deployments.video import VideoSessions
 from serve_app.core.config import Config
 
@@ -16,18 +17,22 @@ from serve_app.core.config import Config
 def _scaling(config: Config, replicas: int) -> dict:
     if config.autoscale:
         return {"autoscaling_config": {"min_replicas": 1, "max_replicas": config.autoscale_max_replicas,
-                                       "target_ongoing_requests": 4}}
+                                       "target_ongoing_requests": config.autoscale_target_ongoing_requests,
+                                       "upscale_delay_s": config.autoscale_upscale_delay_s,
+                                       "downscale_delay_s": config.autoscale_downscale_delay_s}}
     return {"num_replicas": replicas}
 
 
 def build_app(config: Config) -> Application:
     encoder = ImageEncoder.options(
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.encoder_num_gpus},
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.encoder_num_gpus,
+                           "resources": dict(config.model_resources)},
         max_ongoing_requests=max(16, 2 * config.encoder_max_batch_size),
         **_scaling(config, config.encoder_replicas),
     ).bind(config)
     decoder = Decoder.options(
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.decoder_num_gpus},
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.decoder_num_gpus,
+                           "resources": dict(config.model_resources)},
         max_ongoing_requests=8,
         **_scaling(config, config.decoder_replicas),
     ).bind(config)
@@ -37,11 +42,12 @@ def build_app(config: Config) -> Application:
     runner = JobRunner.options(
         ray_actor_options={"num_cpus": config.num_cpus}, num_replicas=config.jobs_runner_replicas
     ).bind(encoder, decoder, sessions, jobs, config, cache)
+    ui = WebUI.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(encoder, decoder, sessions, config, cache)
     return Ingress.options(
         ray_actor_options={"num_cpus": config.num_cpus},
         max_ongoing_requests=256,
         **_scaling(config, config.ingress_replicas),
-    ).bind(encoder, decoder, config, sessions, jobs, runner, cache)
+    ).bind(encoder, decoder, config, sessions, jobs, runner, cache, ui)
 
 
 def app_builder(args: dict) -> Application:

@@ -18,7 +18,18 @@ from serve_app.core.media import set_media_store
 from serve_app.core.stats import rss_bytes
 from serve_app.image.service import SegmentService, set_service
 from serve_app.jobs.backend import set_job_backend
-from serve_app.protocols import hf_space, native, oxen, oxen_queue, oxen_video, roboflow, segmind, video
+from serve_app.protocols import (
+    hf_space,
+    native,
+    oxen,
+    oxen_queue,
+    oxen_video,
+    roboflow,
+    segmind,
+    segmind_queue,
+    video,
+)
+from serve_app.ui.bridge import ui_app
 from serve_app.video.backend import set_video_backend
 
 logger = logging.getLogger(__name__)
@@ -30,8 +41,9 @@ app = FastAPI(title="sam3-serve", version="0.1.0", description=DESCRIPTION, defa
 install_error_handlers(app)
 _config = {"current": Config()}  # replaced by the replica's own config when it starts
 install_body_limit(app, lambda: _config["current"])
-for _provider in (native, oxen, oxen_video, oxen_queue, segmind, roboflow, hf_space, video):
+for _provider in (native, oxen, oxen_video, oxen_queue, segmind, segmind_queue, roboflow, hf_space, video):
     app.include_router(_provider.router)
+app.mount("/ui", ui_app)  # the web UI: forwarded to the WebUI replica, which holds the Gradio app
 
 
 @serve.deployment(name="Ingress")
@@ -40,7 +52,7 @@ class Ingress:
     def __init__(
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: Config, sessions: DeploymentHandle | None = None,
         jobs: DeploymentHandle | None = None, job_runner: DeploymentHandle | None = None,
-        cache: DeploymentHandle | None = None,
+        cache: DeploymentHandle | None = None, ui: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
@@ -58,6 +70,9 @@ class Ingress:
             caches=None if cache is None else RayCaches(cache, config.request_timeout_s),
         )
         set_service(self.service)
+        if ui is not None:
+            ui_app.connect(lambda scope, body: ui.options(stream=True).request.remote(scope, body),
+                           config.max_request_bytes)
         set_media_store(shared_media(config))  # any replica serves any media URL
         _config["current"] = config
         if not self.service.auth.enabled:

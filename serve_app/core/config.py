@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Literal
 
@@ -97,11 +98,26 @@ class Config(BaseModel):
         "larger batches are faster on GPU but round differently (a few boundary pixels may flip).",
     )
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica (0 keeps Ray from waiting on CPUs).")
+    model_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each ImageEncoder and Decoder replica needs, as JSON: "
+        "`{\"model_node\": 0.01}` keeps them on nodes started with `--resources '{\"model_node\": 1}'` "
+        "(docs/cluster.md).",
+    )
     encoder_replicas: int = Field(1, ge=1, description="ImageEncoder replicas (without autoscaling).")
     decoder_replicas: int = Field(1, ge=1, description="Decoder replicas (without autoscaling).")
     ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (without autoscaling).")
     autoscale: bool = Field(False, description="Use Ray Serve autoscaling instead of fixed replica counts.")
     autoscale_max_replicas: int = Field(4, ge=1, description="Most replicas per deployment when autoscaling.")
+    autoscale_target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Ongoing requests per replica that autoscaling aims for (more: add replicas)."
+    )
+    autoscale_upscale_delay_s: float = Field(
+        30.0, ge=0, description="Load must stay high this long before a replica is added."
+    )
+    autoscale_downscale_delay_s: float = Field(
+        600.0, ge=0, description="Load must stay low this long before a replica is removed."
+    )
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait on the graph.")
 
     # Shared state (docs/architecture.md says what lives where)
@@ -123,6 +139,13 @@ class Config(BaseModel):
         scheme = value.partition("://")[0] if "://" in value else value
         if value and scheme not in ("redis", "rediss", "unix", "sqlite", "memory"):
             raise ValueError("use redis://host:port/db, sqlite:////path/state.db or memory://")
+        return value
+
+    @field_validator("model_resources", mode="before")
+    @classmethod
+    def _parse_json(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
         return value
 
     @field_validator("url_allowlist", "api_keys", mode="before")

@@ -23,7 +23,7 @@ from serve_app.core.security import UrlFetcher
 from serve_app.image.service import SegmentService, get_service
 from serve_app.jobs.backend import JobBackend, get_job_backend
 from serve_app.jobs.store import Outcome
-from serve_app.protocols import oxen, oxen_video
+from serve_app.protocols import oxen, oxen_video, segmind_queue
 from serve_app.video.backend import VideoBackend
 
 MAX_GENERATIONS = 4  # per request, as Oxen
@@ -99,12 +99,15 @@ class FileCollector:
 
 
 class OxenJobs:
-    """Runs one queued Oxen job in a worker, through the same functions as the sync routes."""
+    """Runs one queued job in a worker, through the same functions as the sync routes (other providers' kinds too)."""
 
     def __init__(self, service: SegmentService, videos: VideoBackend) -> None:
         self.service, self.videos = service, videos
+        self.other_kinds = {segmind_queue.KIND: segmind_queue.SegmindJobs(service)}
 
     async def __call__(self, job: dict) -> Outcome:
+        if job["kind"] in self.other_kinds:
+            return await self.other_kinds[job["kind"]](job)
         _, request_type, kind = QUEUE_MODELS[job["model"]]
         body = request_type.model_validate(job["request"])
         files = FileCollector(job["media_base"])

@@ -9,9 +9,10 @@ from typing import Annotated, Literal, Union
 
 import cv2
 import numpy as np
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Header, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from serve_app.core.auth import bearer
 from serve_app.core.cache import CachedLogits
 from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error
 from serve_app.core.http import register_error_shape
@@ -317,11 +318,14 @@ register_error_shape("/sam3/", error_body)
 # ---------------------------------------------------------------- routes
 
 router = APIRouter(tags=["roboflow"])
-ApiKey = Query(None, description="Your API key (Roboflow's convention: a query parameter on every request).")
+ApiKey = Query(None, description="Your API key (Roboflow's legacy transport: a query parameter on every request).")
+Authorization = Header(None, description="`Bearer <api key>`: inference-sdk's `api_key_transport='header'`/'both'.")
+KEY_TRANSPORTS = "`Authorization: Bearer <key>`, the `api_key` query parameter or the `api_key` body field"
 
 
-def _tenant(service: SegmentService, query_key: str | None, body_key: str | None) -> str:
-    return service.auth.tenant(query_key or body_key, "the `api_key` query parameter")
+def _tenant(service: SegmentService, authorization: str | None, query_key: str | None, body_key: str | None) -> str:
+    """The header first (as Roboflow's servers since 1.5 read it), then the query parameter, then the body field."""
+    return service.auth.tenant(bearer(authorization) or query_key or body_key, KEY_TRANSPORTS)
 
 
 async def _segment_visual(service: SegmentService, body: VisualSegmentIn, tenant: str) -> SegmentResult:
@@ -344,32 +348,35 @@ async def _segment_visual(service: SegmentService, body: VisualSegmentIn, tenant
 
 @router.post("/sam3/concept_segment", response_model=ConceptSegmentOut)
 async def concept_segment(
-    body: ConceptSegmentIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service)
+    body: ConceptSegmentIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service),
+    authorization: str | None = Authorization,
 ) -> ConceptSegmentOut:
     """SAM3 PCS: every instance of each concept (text, exemplar boxes, or both)."""
     started = time.perf_counter()
-    tenant = _tenant(service, api_key, body.api_key)
+    tenant = _tenant(service, authorization, api_key, body.api_key)
     result, _ = await service.segment(concept_to_internal(body, service.config.max_instances), tenant)
     return render_concept(result, body, started)
 
 
 @router.post("/sam3/visual_segment", response_model=VisualSegmentOut)
 async def visual_segment(
-    body: VisualSegmentIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service)
+    body: VisualSegmentIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service),
+    authorization: str | None = Authorization,
 ) -> VisualSegmentOut:
     """SAM3 PVS: the single best mask of one object per prompt, from clicks and/or a centre-anchored box."""
     started = time.perf_counter()
-    tenant = _tenant(service, api_key, body.api_key)
+    tenant = _tenant(service, authorization, api_key, body.api_key)
     result = await _segment_visual(service, body, tenant)
     return render_visual(result, body, started)
 
 
 @router.post("/sam3/embed_image", response_model=EmbedImageOut)
 async def embed_image(
-    body: EmbedImageIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service)
+    body: EmbedImageIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service),
+    authorization: str | None = Authorization,
 ) -> EmbedImageOut:
     """Encode an image once; later requests with the returned image_id skip the encoder."""
     started = time.perf_counter()
-    tenant = _tenant(service, api_key, body.api_key)
+    tenant = _tenant(service, authorization, api_key, body.api_key)
     resolved = await service.resolve(image_input(body.image, body.image_id), tenant)
     return EmbedImageOut(image_id=resolved.key, time=time.perf_counter() - started)

@@ -36,7 +36,8 @@ from serve_app.image.service import SegmentService, get_service
 
 logger = logging.getLogger(__name__)
 
-PATH = "/v1/sam3-image"
+SLUG = "sam3-image"
+PATH = f"/v1/{SLUG}"
 MAX_ARRAY_CHARS = 100_000  # a JSON-array string longer than this is not a prompt
 Mode = Literal["concept", "visual", "concept+visual", "automatic"]
 Source = Literal["concept", "visual", "automatic"]
@@ -336,25 +337,30 @@ _ERRORS = {
     400: "Invalid parameters or request format", 401: "Missing or invalid API key", 429: "Too many requests",
     500: "Internal server error", 502: "Service temporarily unavailable", 504: "Request timed out",
 }
+ERROR_RESPONSES = {code: {"model": SegmindErrorOut, "description": text} for code, text in _ERRORS.items()}
+API_KEY_PARAMETER = {"name": "x-api-key", "in": "header", "required": True, "schema": {"type": "string"},
+                     "description": "Your API key."}
+REQUEST_DOC = {  # the body is parsed by hand so that schema errors are 400s; document it and the key here
+    "requestBody": {"required": True, "content": {"application/json": {"schema": SegmindRequest.model_json_schema()}}},
+    "parameters": [API_KEY_PARAMETER],
+}
 
 
-@router.post(
-    PATH,
-    response_model=SegmindResponse,
-    responses={code: {"model": SegmindErrorOut, "description": text} for code, text in _ERRORS.items()},
-    openapi_extra={  # the body is parsed by hand so that schema errors are 400s; document it and the key here
-        "requestBody": {
-            "required": True, "content": {"application/json": {"schema": SegmindRequest.model_json_schema()}},
-        },
-        "parameters": [{"name": "x-api-key", "in": "header", "required": True, "schema": {"type": "string"},
-                        "description": "Your API key."}],
-    },
-)
+@router.post(PATH, response_model=SegmindResponse, responses=ERROR_RESPONSES, openapi_extra=REQUEST_DOC)
 async def sam3_image(request: Request, service: SegmentService = Depends(get_service)) -> SegmindResponse:
     """Segmind sam3-image: text, clicks/boxes or automatic masks; JSON with base64 PNG images."""
     with segmind_statuses():
-        tenant = service.auth.tenant(request.headers.get("x-api-key"), "the `x-api-key` header")
-        body = parse_body(await request.body())
-        internal, mode = to_internal(body, service.config)
-        result, resolved = await service.segment(internal, tenant, need_pixels=body.return_overlay)
-        return await asyncio.to_thread(render, result, resolved, body, mode)
+        tenant = segmind_tenant(service, request)
+        return await run_sam3_image(service, parse_body(await request.body()), tenant)
+
+
+def segmind_tenant(service: SegmentService, request: Request) -> str:
+    """Segmind's key transport: the `x-api-key` header."""
+    return service.auth.tenant(request.headers.get("x-api-key"), "the `x-api-key` header")
+
+
+async def run_sam3_image(service: SegmentService, body: SegmindRequest, tenant: str) -> SegmindResponse:
+    """One sam3-image request, as the sync route and the v2 queue's workers both run it."""
+    internal, mode = to_internal(body, service.config)
+    result, resolved = await service.segment(internal, tenant, need_pixels=body.return_overlay)
+    return await asyncio.to_thread(render, result, resolved, body, mode)
