@@ -1,0 +1,128 @@
+"""Memory per replica of the SAM3 graph on `full-random` (facebook/sam3's architecture, random weights), by dtype.
+
+    python load_tests/measure_memory.py [--dtypes float32,bfloat16] [--batch 1] [--json out.json]
+
+For each dtype, in a fresh subprocess on the CPU: the weights one replica holds (every ImageEncoder, Decoder and
+video-session replica loads the whole Sam3VideoModel: parameter + buffer bytes, split by part), the resident
+memory after loading, and the peak extra memory of one backbone forward (the encoder's activations, per image
+of the batch) and of one concept decode from a cached embedding (the decoder's activations). The weights are
+exact; activation peaks are measured by the process's peak RSS (ru_maxrss) and are an upper bound of what the
+same step allocates on a GPU, where the allocator caches less. Figures for docs/cluster.md, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+GIB = 1024**3
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _bytes(module) -> int:
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def measure(dtype: str, batch: int) -> dict:
+    import numpy as np
+    import torch
+
+    from serve_app.core.config import Config
+    from serve_app.core.types import ConceptPrompt, SegmentParams
+    from serve_app.image.engine import ImageEngine
+    from serve_app.image.models import load_bundle
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base = _rss()
+    t0 = time.perf_counter()
+    bundle = load_bundle(Config(model="full-random", device="cpu", dtype=dtype))
+    load_s = time.perf_counter() - t0
+    loaded = _rss()
+    engine = ImageEngine(bundle)
+    det = bundle.detector
+    parts = {
+        "whole_model": _bytes(bundle.video),
+        "vision_backbone": _bytes(bundle.backbone),
+        "detector_rest": _bytes(det) - _bytes(det.vision_encoder.backbone),
+        "tracker": _bytes(bundle.video.tracker_model),
+    }
+    images = [np.random.default_rng(i).integers(0, 255, (480, 640, 3), dtype=np.uint8) for i in range(batch)]
+    before = _peak()
+    t0 = time.perf_counter()
+    embeddings = engine.encode(images)
+    encode_s = time.perf_counter() - t0
+    encode_peak = max(0, _peak() - max(before, loaded))
+    embedding_bytes = embeddings[0].numel() * embeddings[0].element_size()
+    before = _peak()
+    t0 = time.perf_counter()
+    prompt = None
+    try:
+        prompt = ConceptPrompt(text="a cat")
+    except TypeError:
+        prompt = None
+    decode_peak = None
+    decode_s = None
+    if prompt is not None:
+        engine.decode(embeddings[0], [prompt], SegmentParams(), (480, 640))
+        decode_s = time.perf_counter() - t0
+        decode_peak = max(0, _peak() - before)
+    return {
+        "dtype": dtype, "batch": batch, "load_s": round(load_s, 1), "encode_s": round(encode_s, 1),
+        "decode_s": None if decode_s is None else round(decode_s, 1),
+        "params_gib": {k: round(v / GIB, 3) for k, v in parts.items()},
+        "rss_after_load_gib": round((loaded - base) / GIB, 3),
+        "encode_activation_peak_gib": round(encode_peak / GIB, 3),
+        "decode_activation_peak_gib": None if decode_peak is None else round(decode_peak / GIB, 3),
+        "embedding_mib": round(embedding_bytes / 1024**2, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.batch)))
+        return
+    rows = []
+    for dtype in args.dtypes.split(","):
+        out = subprocess.run([sys.executable, __file__, "--one", dtype, "--batch", str(args.batch)],
+                             capture_output=True, text=True, check=False,
+                             env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+        if out.returncode != 0:
+            print(f"{dtype}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
