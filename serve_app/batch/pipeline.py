@@ -232,22 +232,29 @@ def _finish(store: OutputStore, plan: Plan, summary: Summary, totals: assemble.T
     return summary
 
 
+def _start(plan: Plan, job, kind: str, address: str | None):
+    """The output store (checked against this run), the summary so far, and a dataset of what is left (or None)."""
+    store = OutputStore(job.output)
+    plan.done = store.prepare(plan.run)
+    todo = plan.remaining
+    summary = Summary(kind, job.output, plan.listing.count, plan.listing.count - todo.num_rows)
+    if not todo.num_rows:
+        return store, summary, None
+    connect(address)
+    import ray.data
+
+    return store, summary, ray.data.from_arrow(_blocks(todo, job.resources.rows_per_block))
+
+
 def run_images(job: ImageJob, config: Config | None = None, address: str | None = None) -> Summary:
     """Segment the job's images; resumes a run already in `job.output`. Returns what it did."""
     config = config or Config.from_env()
     plan = plan_images(job, config)
-    store = OutputStore(job.output)
-    plan.done = store.prepare(plan.run)
-    todo = plan.remaining
-    summary = Summary("images", job.output, plan.listing.count, plan.listing.count - todo.num_rows)
-    if todo.num_rows:
-        connect(address)
-        import ray.data
+    store, summary, ds = _start(plan, job, "images", address)
+    if ds is not None:
         from ray.data import ActorPoolStrategy
 
-        started = time.perf_counter()
-        res = job.resources
-        ds = ray.data.from_arrow(_blocks(todo, res.rows_per_block))
+        started, res = time.perf_counter(), job.resources
         ds = ds.map_batches(read_images, fn_kwargs={"config": config}, batch_size=res.batch_size,
                             num_cpus=res.read_cpus, batch_format="numpy")
         ds = ds.map_batches(
@@ -269,18 +276,11 @@ def run_videos(job: VideoJob, config: Config | None = None, address: str | None 
     """Track objects through the job's videos, one session per video; resumes a run already in `job.output`."""
     config = config or Config.from_env()
     plan = plan_videos(job, config)
-    store = OutputStore(job.output)
-    plan.done = store.prepare(plan.run)
-    todo = plan.remaining
-    summary = Summary("videos", job.output, plan.listing.count, plan.listing.count - todo.num_rows)
-    if todo.num_rows:
-        connect(address)
-        import ray.data
+    store, summary, ds = _start(plan, job, "videos", address)  # one row per block by default: a part per video
+    if ds is not None:
         from ray.data import ActorPoolStrategy
 
-        started = time.perf_counter()
-        res = job.resources
-        ds = ray.data.from_arrow(_blocks(todo, res.rows_per_block))  # default 1: a part per video
+        started, res = time.perf_counter(), job.resources
         ds = ds.map_batches(
             VideoTracker, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=res.actors),
             num_gpus=_gpus(res), num_cpus=res.actor_cpus,
