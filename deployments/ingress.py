@@ -13,7 +13,7 @@ from ray.util import metrics
 from deployments.handles import RayCaches, RayGraph, RayJobBackend, RayVideoBackend, await_call, shared_media
 from serve_app.core.config import Config
 from serve_app.core.errors import Sam3Error
-from serve_app.core.http import SafeJSONResponse, install_body_limit, install_error_handlers
+from serve_app.core.http import SafeJSONResponse, install_error_handlers, install_gate
 from serve_app.core.media import set_media_store
 from serve_app.core.stats import rss_bytes
 from serve_app.image.service import SegmentService, set_service
@@ -40,7 +40,7 @@ Oxen.ai, Segmind, Roboflow and the SAM3 Hugging Face Space. Masks are COCO RLE, 
 app = FastAPI(title="sam3-serve", version="0.1.0", description=DESCRIPTION, default_response_class=SafeJSONResponse)
 install_error_handlers(app)
 _config = {"current": Config()}  # replaced by the replica's own config when it starts
-install_body_limit(app, lambda: _config["current"])
+install_gate(app, lambda: _config["current"])
 for _provider in (native, oxen, oxen_video, oxen_queue, segmind, segmind_queue, roboflow, hf_space, video):
     app.include_router(_provider.router)
 app.mount("/ui", ui_app)  # the web UI: forwarded to the WebUI replica, which holds the Gradio app

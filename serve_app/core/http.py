@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.core.auth import Authenticator, bearer
 from serve_app.core.config import Config
-from serve_app.core.errors import BadRequest, NotFound, PayloadTooLarge, Sam3Error, ValidationFailed
+from serve_app.core.errors import BadRequest, NotFound, PayloadTooLarge, Sam3Error, Unauthorized, ValidationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -102,26 +107,219 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(route_path(request), err)
 
 
-VIDEO_ROUTES = ("/v1/video/", "/api/ai/videos/", "/api/ai/queue")
+VIDEO_UPLOADS = ("/v1/video/sessions", "/api/ai/videos/generate", "/api/ai/queue")  # routes that carry a video
+RAW_VIDEO_TYPES = ("video/", "application/octet-stream")
 
 
-def body_limit(path: str, config: Config) -> tuple[int, str]:
-    """Largest body for a route and the knob that sets it: video routes may carry a whole video (as base64 too)."""
-    if path.startswith(VIDEO_ROUTES) and config.video_max_bytes * 4 // 3 + 65536 > config.max_request_bytes:
-        return config.video_max_bytes * 4 // 3 + 65536, "SAM3_VIDEO_MAX_BYTES"
+def body_limit(path: str, config: Config, content_type: str = "") -> tuple[int, str]:
+    """Largest body for a route and the knob that sets it: video uploads may carry a whole video (as base64 too)."""
+    if path.rstrip("/") in VIDEO_UPLOADS:
+        if content_type.split(";")[0].strip().lower().startswith(RAW_VIDEO_TYPES):
+            return max(config.video_max_bytes, 1024), "SAM3_VIDEO_MAX_BYTES"
+        if config.video_max_bytes * 4 // 3 + 65536 > config.max_request_bytes:
+            return config.video_max_bytes * 4 // 3 + 65536, "SAM3_VIDEO_MAX_BYTES"
     return config.max_request_bytes, "SAM3_MAX_REQUEST_BYTES"
 
 
-def install_body_limit(app: FastAPI, config: Callable[[], Config]) -> None:
-    """Refuse bodies over the route's limit by their Content-Length, before reading them."""
+# ---------------------------------------------------------------- keys, checked before anything else
 
-    @app.middleware("http")
-    async def _limit(request: Request, call_next):
-        max_bytes, knob = body_limit(route_path(request), config())
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return error_response(
-                route_path(request),
-                PayloadTooLarge(f"request body is {int(length)} bytes; the limit is {max_bytes} ({knob})"),
-            )
-        return await call_next(request)
+KeyTransport = str  # "bearer", "header:<name>", "query:<name>" or "body:<field>" (a top-level JSON field)
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """How a provider's clients send their key on the routes under `prefix`; `how` is said in the 401."""
+
+    prefix: str
+    transports: tuple[KeyTransport, ...]
+    how: str
+
+
+_KEY_RULES: list[KeyRule] = []
+_OPEN_PATHS: set[str] = set()  # exact paths under a keyed prefix that need no key
+
+
+def register_key_rule(prefix: str, transports: tuple[KeyTransport, ...], how: str) -> None:
+    """Routes under `prefix` need a key (when keys are configured); the longest registered prefix wins."""
+    _KEY_RULES[:] = [r for r in _KEY_RULES if r.prefix != prefix] + [KeyRule(prefix, transports, how)]
+    _KEY_RULES.sort(key=lambda rule: -len(rule.prefix))
+
+
+def register_open_path(path: str) -> None:
+    _OPEN_PATHS.add(path)
+
+
+def key_rule(path: str) -> KeyRule | None:
+    if path in _OPEN_PATHS:
+        return None
+    return next((rule for rule in _KEY_RULES if path.startswith(rule.prefix)), None)
+
+
+def _header_key(rule: KeyRule, headers: Headers, query: QueryParams) -> str | None:
+    for transport in rule.transports:
+        kind, _, name = transport.partition(":")
+        value = None
+        if kind == "bearer":
+            value = bearer(headers.get("authorization"))
+        elif kind == "header":
+            value = headers.get(name)
+        elif kind == "query":
+            value = query.get(name)
+        if value:
+            return value
+    return None
+
+
+def _body_key(rule: KeyRule, body: bytes) -> str | None:
+    fields = [t.partition(":")[2] for t in rule.transports if t.startswith("body:")]
+    try:
+        data = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None  # not JSON: it carries no key, so the caller has none
+    if not isinstance(data, dict):
+        return None
+    return next((data[f] for f in fields if isinstance(data.get(f), str) and data[f]), None)
+
+
+class _TooLarge(Exception):
+    """Raised from `receive` once a body passes its limit; the gate answers 413 in the route's shape."""
+
+
+class Gate:
+    """Pure ASGI middleware in front of every route: the key first, then the body limit while the body is read.
+
+    Keys: a route under a registered prefix answers 401 (in its provider's shape) before any byte of the body is
+    parsed. A provider whose key may travel in the JSON body (Roboflow) has its body read here, within the limit,
+    when no header or query key came, and replayed to the route. Body limits hold for chunked uploads too: the
+    bytes are counted as they arrive and the read stops at the first byte over the limit.
+    """
+
+    def __init__(self, app: ASGIApp, config: Callable[[], Config]) -> None:
+        self.app = app
+        self.config = config
+        self._auth: tuple[tuple[str, ...], Authenticator] | None = None
+
+    def _authenticator(self, config: Config) -> Authenticator:
+        keys = tuple(config.api_keys)
+        if self._auth is None or self._auth[0] != keys:
+            self._auth = (keys, Authenticator(list(keys)))
+        return self._auth[1]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        config = self.config()
+        path = _scope_path(scope)
+        headers = Headers(scope=scope)
+        max_bytes, knob = body_limit(path, config, headers.get("content-type", ""))
+
+        def too_large(size: str) -> PayloadTooLarge:
+            return PayloadTooLarge(f"request body is {size} bytes; the limit is {max_bytes} ({knob})")
+
+        length = headers.get("content-length")
+        if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+            await self._answer(path, too_large(str(int(length))), scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > max_bytes:
+                    raise _TooLarge
+            return message
+
+        rule = key_rule(path)
+        auth = self._authenticator(config)
+        if rule is not None and auth.enabled:
+            key = _header_key(rule, headers, QueryParams(scope.get("query_string", b"")))
+            inner_receive = limited
+            if key is None and any(t.startswith("body:") for t in rule.transports):
+                try:
+                    body = await _read_all(limited)
+                except _TooLarge:
+                    await self._answer(path, too_large(f"more than {max_bytes}"), scope, receive, send)
+                    return
+                key, inner_receive = _body_key(rule, body), _replay(body, receive)
+            try:
+                auth.tenant(key, rule.how)
+            except Unauthorized as exc:
+                await self._answer(path, exc, scope, receive, send)
+                return
+        else:
+            inner_receive = limited
+        await self._run(path, scope, inner_receive, send, too_large, max_bytes)
+
+    async def _run(self, path, scope, receive, send, too_large, max_bytes) -> None:
+        """Run the route; if its body read passed the limit, its answer (whatever it made of the error) is a 413."""
+        state = {"over": False, "started": False}
+
+        async def guarded_receive() -> Message:
+            try:
+                return await receive()
+            except _TooLarge:
+                state["over"] = True
+                raise PayloadTooLarge(too_large(f"more than {max_bytes}").message) from None
+
+        async def guarded_send(message: Message) -> None:
+            if state["over"]:
+                if not state["started"]:
+                    state["started"] = True
+                    await error_response(path, too_large(f"more than {max_bytes}"))(scope, _closed, send)
+                return
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception:
+            if not state["over"] or state["started"]:
+                raise
+            state["started"] = True
+            await error_response(path, too_large(f"more than {max_bytes}"))(scope, _closed, send)
+
+    async def _answer(self, path: str, exc: Sam3Error, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(path, exc)(scope, receive, send)
+
+
+async def _read_all(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the route the body read already, then the client's further messages (disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _closed() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _scope_path(scope: Scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def install_gate(app: FastAPI, config: Callable[[], Config]) -> None:
+    """Keys first, then body limits while reading, on every route of the app (see Gate)."""
+    app.add_middleware(Gate, config=config)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serve_app.core.auth import bearer
 from serve_app.core.config import Config
 from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error, ValidationFailed
-from serve_app.core.http import register_error_shape
+from serve_app.core.http import register_error_shape, register_key_rule
 from serve_app.core.types import (
     ConceptPrompt,
     ImageInput,
@@ -265,6 +265,8 @@ def error_body(exc: Sam3Error) -> dict:
 
 register_error_shape("/api/predict", error_body)
 register_error_shape("/api/sam2_compatible", error_body)
+register_key_rule("/api/predict", ("bearer",), "`Authorization: Bearer <token>`")
+register_key_rule("/api/sam2_compatible", ("bearer",), "`Authorization: Bearer <token>`")
 
 
 # ------------------------------------------------------------------- routes

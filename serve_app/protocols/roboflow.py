@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 from serve_app.core.auth import bearer
 from serve_app.core.cache import CachedLogits
 from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error
-from serve_app.core.http import register_error_shape
+from serve_app.core.http import register_error_shape, register_key_rule
 from serve_app.core.types import (
     Box,
     ConceptPrompt,
@@ -321,6 +321,7 @@ router = APIRouter(tags=["roboflow"])
 ApiKey = Query(None, description="Your API key (Roboflow's legacy transport: a query parameter on every request).")
 Authorization = Header(None, description="`Bearer <api key>`: inference-sdk's `api_key_transport='header'`/'both'.")
 KEY_TRANSPORTS = "`Authorization: Bearer <key>`, the `api_key` query parameter or the `api_key` body field"
+register_key_rule("/sam3/", ("bearer", "query:api_key", "body:api_key"), KEY_TRANSPORTS)
 
 
 def _tenant(service: SegmentService, authorization: str | None, query_key: str | None, body_key: str | None) -> str:

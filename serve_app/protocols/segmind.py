@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.core.config import Config
 from serve_app.core.errors import BadRequest, Sam3Error, ServiceUnavailable
-from serve_app.core.http import register_error_shape
+from serve_app.core.http import register_error_shape, register_key_rule
 from serve_app.core.types import (
     AutoPrompt,
     Box,
@@ -122,6 +122,7 @@ def error_body(exc: Sam3Error) -> dict:
 
 
 register_error_shape(PATH, error_body)
+register_key_rule(PATH, ("header:x-api-key",), "the `x-api-key` header")
 
 
 # ---- parsing ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from serve_app.core.config import Config
 from serve_app.core.errors import NotFound
-from serve_app.core.http import register_error_shape
+from serve_app.core.http import register_error_shape, register_key_rule
 from serve_app.core.security import UrlFetcher
 from serve_app.image.service import SegmentService, get_service
 from serve_app.jobs.backend import JobBackend, get_job_backend
@@ -53,6 +53,7 @@ class ResultOut(StatusOut):
 
 
 register_error_shape("/v2/", segmind.error_body)
+register_key_rule("/v2/", ("header:x-api-key",), "the `x-api-key` header")
 
 
 # ------------------------------------------------------------------------------------------------ the worker side

@@ -15,7 +15,7 @@ def _post(url: str, body: dict, key: str | None = API_KEY) -> requests.Response:
 
 
 def _encoded(url: str) -> int:
-    return requests.get(f"{url}/v1/stats", timeout=30).json()["encoder"]["images"]
+    return requests.get(f"{url}/v1/stats", headers={"x-api-key": API_KEY}, timeout=30).json()["encoder"]["images"]
 
 
 def test_missing_and_wrong_keys_are_401(providers_url):

@@ -42,7 +42,8 @@ def b64_image(seed: int) -> dict:
 
 
 def encoded_images(url: str) -> int:
-    stats = requests.get(f"{url}/v1/stats", timeout=30)  # an ops route: no key needed
+    assert requests.get(f"{url}/v1/stats", timeout=30).status_code == 401  # it shows internals: keyed
+    stats = requests.get(f"{url}/v1/stats", headers=NATIVE_AUTH, timeout=30)
     assert stats.status_code == 200, stats.text
     return stats.json()["encoder"]["images"]
 

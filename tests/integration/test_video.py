@@ -238,7 +238,7 @@ def test_bad_videos(video_url, clip, make, status, code, words):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and all(w in error["message"] for w in words), error
-    assert requests.get(f"{video_url}/v1/stats", timeout=30).json()["video"]["open_sessions"] == 0
+    assert requests.get(f"{video_url}/v1/stats", headers=AUTH, timeout=30).json()["video"]["open_sessions"] == 0
 
 
 @pytest.mark.parametrize(
@@ -269,7 +269,7 @@ def _node_used_bytes() -> int:
 
 
 def _serve_rss(url: str) -> tuple[int, int]:
-    stats = requests.get(f"{url}/v1/stats", timeout=30).json()
+    stats = requests.get(f"{url}/v1/stats", headers=AUTH, timeout=30).json()
     return stats["ingress_rss_bytes"], stats["video"]["rss_bytes"]
 
 
@@ -309,7 +309,7 @@ def test_many_sessions_return_memory(video_url, clip):
     )
     assert len(set(pids)) == SESSIONS_OPENED, "one actor process per session"
     assert not [pid for pid in pids if _alive(pid)], "every closed session's actor process has exited"
-    assert requests.get(f"{video_url}/v1/stats", timeout=30).json()["video"]["open_sessions"] == 0
+    assert requests.get(f"{video_url}/v1/stats", headers=AUTH, timeout=30).json()["video"]["open_sessions"] == 0
     assert ingress1 <= ingress0 * 1.10 and sessions1 <= sessions0 * 1.10
 
 
