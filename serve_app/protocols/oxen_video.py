@@ -19,7 +19,7 @@ from serve_app.core.security import UrlFetcher
 from serve_app.image.service import SegmentService, get_service
 from serve_app.protocols import oxen
 from serve_app.video.backend import VideoBackend, get_video_backend
-from serve_app.video.io import VideoLimits, video_bytes_from_base64
+from serve_app.video.io import VideoLimits, probe_video, video_bytes_from_base64
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ async def generate_video(
     if not body.prompt.strip():
         raise InvalidPrompt("prompt is blank: name what to segment, e.g. \"the ox horns\"")
     data = await video_bytes(body.input_video, config)
+    await asyncio.to_thread(probe_video, data, VideoLimits.from_config(config))  # refused before an actor starts
     info = await videos.create(tenant, data, None, None)
     try:
         mp4 = await videos.call(info["session_id"], tenant, "render", body.prompt, body.apply_mask)

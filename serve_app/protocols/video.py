@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
@@ -11,12 +12,20 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.core.auth import bearer
-from serve_app.core.errors import BadRequest, InvalidPrompt, Sam3Error, ValidationFailed
+from serve_app.core.config import Config
+from serve_app.core.errors import (
+    BadRequest,
+    InvalidPrompt,
+    InvalidVideo,
+    PayloadTooLarge,
+    Sam3Error,
+    ValidationFailed,
+)
 from serve_app.core.http import validation_error_message
 from serve_app.core.security import UrlFetcher
 from serve_app.image.service import SegmentService, get_service
 from serve_app.video.backend import VideoBackend, get_video_backend
-from serve_app.video.io import VideoLimits, video_bytes_from_base64
+from serve_app.video.io import DEFAULT_FPS, VideoLimits, frames_from_images, probe_video, video_bytes_from_base64
 
 MAX_FRAME_LIST = 2000
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -67,6 +76,14 @@ class PropagateIn(_Strict):
 router = APIRouter(tags=["video"])
 
 
+def check_video_clicks(points: list, labels: list | None, config: Config) -> None:
+    """The image routes' caps hold on video prompts too (SAM3_MAX_POINTS), checked before the session is called."""
+    if len(points) > config.max_points:
+        raise InvalidPrompt(f"{len(points)} points in one prompt; the limit is {config.max_points} (SAM3_MAX_POINTS)")
+    if labels is not None and len(labels) != len(points):
+        raise InvalidPrompt(f"{len(labels)} point_labels for {len(points)} points: give one label per point")
+
+
 def _tenant(service: SegmentService, authorization: str | None, api_key: str | None) -> str:
     return service.auth.tenant(bearer(authorization) or api_key, "`Authorization: Bearer <key>` or `x-api-key`")
 
@@ -83,6 +100,17 @@ async def _source_bytes(service: SegmentService, value: str) -> bytes:
 
 
 async def _create_args(request: Request, service: SegmentService) -> tuple:
+    """The session's video, checked here (size, container, header, one frame) before any session actor starts."""
+    data, frames, fps = await _upload(request, service)
+    limits = VideoLimits.from_config(service.config)
+    if data is not None:
+        await asyncio.to_thread(probe_video, data, limits)
+    else:
+        frames_from_images(frames, fps or DEFAULT_FPS, limits=limits)
+    return data, frames, fps
+
+
+async def _upload(request: Request, service: SegmentService) -> tuple:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind.startswith("video/") or kind == "application/octet-stream":
         return await request.body(), None, None
@@ -94,6 +122,11 @@ async def _create_args(request: Request, service: SegmentService) -> tuple:
         raise BadRequest("give exactly one of `video` or `frames` (or upload the video as the raw body)")
     if body.video is not None:
         return await _source_bytes(service, body.video), None, None
+    if not body.frames:
+        raise InvalidVideo("`frames` is empty: a video needs at least one frame")
+    if len(body.frames) > service.config.video_max_frames:
+        raise PayloadTooLarge(f"{len(body.frames)} frames; the limit is {service.config.video_max_frames} "
+                              "(SAM3_VIDEO_MAX_FRAMES)")
     frames = [(await service.load_pixels(f))[0] for f in body.frames]
     return None, frames, body.fps
 
@@ -132,6 +165,7 @@ async def add_prompt(
         return _render(await backend.call(session_id, tenant, "add_text", body.frame_index, body.text))
     if body.object_id is None:
         raise InvalidPrompt("clicks and boxes need an `object_id` (any integer you choose, reused to refine)")
+    check_video_clicks(body.points, body.point_labels, service.config)
     labels = body.point_labels if body.point_labels is not None else [1] * len(body.points)
     result = await backend.call(
         session_id, tenant, "add_clicks", body.frame_index, body.object_id, body.points, labels, body.box

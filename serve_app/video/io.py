@@ -113,6 +113,28 @@ def decode_video(data: bytes, limits: VideoLimits, *, max_frames: int | None = N
         container.close()
 
 
+def probe_video(data: bytes, limits: VideoLimits) -> None:
+    """The checks that need no full decode: size, container, a video stream, declared size, length and frame count,
+    and one decodable frame. Run where the upload arrives, so that a refused video never starts a session actor."""
+    if not data:
+        raise InvalidVideo("video is empty")
+    if len(data) > limits.max_bytes:
+        raise _too_many_bytes(len(data), limits.max_bytes)
+    container = _open(data)
+    try:
+        stream = _video_stream(container)
+        _check_header(container, stream, limits, limits.max_frames)
+        try:
+            first = next(iter(container.decode(stream)), None)
+        except _DECODE_ERRORS as exc:
+            raise InvalidVideo(f"video has no decodable frame ({_reason(exc)})") from None
+        if first is None:
+            raise InvalidVideo("video has no decodable frames (empty, truncated or corrupt)")
+        _check_resolution(first.width, first.height, limits)
+    finally:
+        container.close()
+
+
 def _open(data: bytes) -> Any:
     try:
         return av.open(io.BytesIO(data), mode="r", container_options=_OPEN_OPTIONS)
