@@ -10,6 +10,7 @@ from pathlib import Path
 
 from serve_app.core.config import Config
 from serve_app.core.errors import ModelLoadError
+from serve_app.core.stats import apply_allocator_env
 
 logger = logging.getLogger("sam3_serve")
 
@@ -47,6 +48,7 @@ def main() -> int:
 
     from deployments.app import build_app
 
+    apply_allocator_env()  # before Ray starts: every Ray process inherits it
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
     serve.run(build_app(config), name="sam3", route_prefix="/")

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve_app.core.auth import Authenticator, bearer
 from serve_app.core.config import Config
 from serve_app.core.errors import BadRequest, NotFound, PayloadTooLarge, Sam3Error, Unauthorized, ValidationFailed
+from serve_app.core.stats import release_memory
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,9 @@ def _body_key(rule: KeyRule, body: bytes) -> str | None:
     return next((data[f] for f in fields if isinstance(data.get(f), str) and data[f]), None)
 
 
+TRIM_AFTER_BYTES = 8 * 1024 * 1024
+
+
 class _TooLarge(Exception):
     """Raised from `receive` once a body passes its limit; the gate answers 413 in the route's shape."""
 
@@ -251,7 +255,11 @@ class Gate:
                 return
         else:
             inner_receive = limited
-        await self._run(path, scope, inner_receive, send, too_large, max_bytes)
+        try:
+            await self._run(path, scope, inner_receive, send, too_large, max_bytes)
+        finally:
+            if received > TRIM_AFTER_BYTES:
+                release_memory()  # a large body's buffers are free now: give them back to the OS
 
     async def _run(self, path, scope, receive, send, too_large, max_bytes) -> None:
         """Run the route; if its body read passed the limit, its answer (whatever it made of the error) is a 413."""

@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import threading
 from collections import Counter
+
+# glibc malloc settings for every Ray process (set before Ray starts: its workers inherit the environment). By
+# default glibc raises its mmap threshold after the first large free, so a 64 MiB request body ends up in heap
+# arenas that fragment and are never given back: measured on the hostile-input test, Serve's proxy stayed +123%
+# and each ingress +50% after a few refused 256 MiB uploads. A fixed threshold puts every block of 64 KiB or more
+# (bodies, images, pickles) in its own mapping, returned on free; two arenas bound the per-thread arenas.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
+
+
+def apply_allocator_env() -> None:
+    """Set ALLOCATOR_ENV in this process' environment (unless the operator set them) before Ray starts."""
+    for key, value in ALLOCATOR_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if os.name == "posix" else None
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc malloc_trim); a no-op where there is no malloc_trim."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class BatchStats:

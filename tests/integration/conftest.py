@@ -31,6 +31,9 @@ def serve_instance(tmp_path_factory):
 
     STATE["dir"] = str(tmp_path_factory.mktemp("state"))
     port = _free_port()
+    from serve_app.core.stats import apply_allocator_env
+
+    apply_allocator_env()  # as serve_app.main does
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

@@ -225,3 +225,15 @@ def test_broken_copy_is_rejected(name, breaks, check, tmp_path):
     copy_path = tmp_path / name  # a broken copy on disk, re-read as the real file is
     copy_path.write_text(yaml.safe_dump_all(broken))
     assert check([d for d in yaml.safe_load_all(copy_path.read_text()) if d]) != []
+
+
+def test_every_ray_container_runs_with_the_allocator_settings():
+    """Ray processes inherit the pod's environment: without these, large bodies are never given back (core/stats)."""
+    from serve_app.core.stats import ALLOCATOR_ENV
+
+    templates = _pod_templates(_ray_resources(_docs("rayservice.yaml")))
+    assert templates
+    for where, template in templates:
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in ALLOCATOR_ENV} == ALLOCATOR_ENV, (where, container["name"])
