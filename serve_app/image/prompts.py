@@ -11,6 +11,19 @@ from serve_app.image.geometry import validate_box_xyxy, validate_point
 
 MAX_TEXT_CHARS = 256
 MAX_POINTS_PER_SIDE = 128
+_CONTROL = frozenset(chr(c) for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F))
+
+
+def check_text(value: str, what: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """A client string the model or a key store will see: no NUL or other control characters, no lone surrogates
+    (valid JSON, not Unicode), at most `limit` characters. Raises InvalidPrompt (400) naming the field."""
+    if len(value) > limit:
+        raise InvalidPrompt(f"{what} has {len(value)} characters; the limit is {limit}")
+    bad = next((ch for ch in value if ch in _CONTROL or "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:
+        kind = "a lone surrogate" if "\ud800" <= bad <= "\udfff" else "a control character"
+        raise InvalidPrompt(f"{what} contains {kind} (U+{ord(bad):04X}); send printable text")
+    return value
 
 
 def _concept(prompt: ConceptPrompt, size: tuple[int, int], config: Config) -> ConceptPrompt:
@@ -19,8 +32,8 @@ def _concept(prompt: ConceptPrompt, size: tuple[int, int], config: Config) -> Co
         raise InvalidPrompt("a concept prompt needs text, exemplar boxes, or both")
     if prompt.text is not None and not prompt.text.strip():
         raise InvalidPrompt("the text prompt is blank")
-    if prompt.text is not None and len(prompt.text) > MAX_TEXT_CHARS:
-        raise InvalidPrompt(f"the text prompt has {len(prompt.text)} characters; the limit is {MAX_TEXT_CHARS}")
+    if prompt.text is not None:
+        check_text(prompt.text, "the text prompt")
     if len(prompt.boxes) > config.max_boxes:
         raise InvalidPrompt(f"{len(prompt.boxes)} boxes in one prompt; the limit is {config.max_boxes}")
     if len(prompt.box_labels) != len(prompt.boxes):

@@ -17,7 +17,7 @@ from serve_app.core.slots import Slot
 from serve_app.core.types import ImageInput, Prompt, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult
 from serve_app.image.caches import Caches, LocalCaches
 from serve_app.image.imageio import ImageLoader, image_digest
-from serve_app.image.prompts import validate_prompts
+from serve_app.image.prompts import check_text, validate_prompts
 
 
 class EmbeddingLost(Exception):
@@ -60,6 +60,8 @@ class SegmentService:
 
     async def load(self, image: ImageInput, tenant: str, need_pixels: bool = False) -> ResolvedImage:
         """All that can be had without the encoder: a cached embedding, or the decoded pixels and their size."""
+        if image.image_id is not None:
+            check_text(image.image_id, "image_id")
         if image.image_id is not None and not need_pixels:
             hit = await self.caches.get_embedding((tenant, image.image_id))
             if hit is not None:

@@ -23,6 +23,7 @@ from serve_app.core.errors import (
 )
 from serve_app.core.http import validation_error_message
 from serve_app.core.security import UrlFetcher
+from serve_app.image.prompts import check_text
 from serve_app.image.service import SegmentService, get_service
 from serve_app.video.backend import VideoBackend, get_video_backend
 from serve_app.video.io import DEFAULT_FPS, VideoLimits, frames_from_images, probe_video, video_bytes_from_base64
@@ -162,6 +163,7 @@ async def add_prompt(
     if body.text is not None and (body.points or body.box is not None):
         raise InvalidPrompt("send either text or points/box in one prompt, not both")
     if body.text is not None:
+        check_text(body.text, "text")
         return _render(await backend.call(session_id, tenant, "add_text", body.frame_index, body.text))
     if body.object_id is None:
         raise InvalidPrompt("clicks and boxes need an `object_id` (any integer you choose, reused to refine)")
