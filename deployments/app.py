@@ -42,7 +42,8 @@ def build_app(config: Config) -> Application:
     runner = JobRunner.options(
         ray_actor_options={"num_cpus": config.num_cpus}, num_replicas=config.jobs_runner_replicas
     ).bind(encoder, decoder, sessions, jobs, config, cache)
-    ui = WebUI.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(encoder, decoder, sessions, config, cache)
+    ui = (WebUI.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(encoder, decoder, sessions, config, cache)
+          if config.web_ui else None)
     return Ingress.options(
         ray_actor_options={"num_cpus": config.num_cpus},
         max_ongoing_requests=256,

@@ -107,6 +107,7 @@ class Config(BaseModel):
     encoder_replicas: int = Field(1, ge=1, description="ImageEncoder replicas (without autoscaling).")
     decoder_replicas: int = Field(1, ge=1, description="Decoder replicas (without autoscaling).")
     ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (without autoscaling).")
+    web_ui: bool = Field(True, description="Serve the web UI at /ui (a WebUI replica holding the Gradio app).")
     autoscale: bool = Field(False, description="Use Ray Serve autoscaling instead of fixed replica counts.")
     autoscale_max_replicas: int = Field(4, ge=1, description="Most replicas per deployment when autoscaling.")
     autoscale_target_ongoing_requests: float = Field(

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import JSONResponse
 
-from serve_app.core.errors import PayloadTooLarge, Sam3Error, ServiceUnavailable
+from serve_app.core.errors import NotFound, PayloadTooLarge, Sam3Error, ServiceUnavailable
 from serve_app.core.http import native_error_body
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class UIProxy:
             return
         try:
             if self._stream is None:
-                raise ServiceUnavailable("the web UI is not deployed on this server")
+                raise NotFound("the web UI is off on this server (SAM3_WEB_UI=false)")
             body = await read_body(receive, self._max_bytes)
             responses = self._stream(portable_scope(scope), body)
         except Sam3Error as exc:

@@ -63,7 +63,7 @@ def deploy(name: str, config: Config, base_url: str) -> str:
 @pytest.fixture(scope="session")
 def app_url(serve_instance) -> str:
     """The default graph on tiny-random, with a batch window wide enough for concurrent requests to meet."""
-    config = Config(encoder_max_batch_size=16, encoder_batch_wait_timeout_s=0.2, url_allowlist=[])
+    config = Config(encoder_max_batch_size=16, encoder_batch_wait_timeout_s=0.2, url_allowlist=[], web_ui=False)
     return deploy("main", config, serve_instance)
 
 

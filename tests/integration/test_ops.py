@@ -26,3 +26,12 @@ def test_stats_report_batches_and_caches(app_url):
     stats = requests.get(f"{app_url}/v1/stats", timeout=30).json()
     assert {"encoder", "decoder", "embedding_cache", "logits_cache", "video"} <= set(stats)
     assert {"hits", "misses", "entries", "bytes"} <= set(stats["embedding_cache"])
+
+
+def test_an_app_without_the_web_ui_starts_no_ui_replica_and_says_so(app_url):
+    """The main test app runs with web_ui=False (SAM3_WEB_UI): /ui is a clear 404 and no WebUI replica runs."""
+    from ray import serve
+
+    response = requests.get(f"{app_url}/ui/", timeout=30)
+    assert response.status_code == 404 and "SAM3_WEB_UI=false" in response.json()["error"]["message"]
+    assert "WebUI" not in serve.status().applications["main"].deployments

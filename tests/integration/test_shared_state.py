@@ -106,7 +106,7 @@ def _kill_job_store(app: str) -> None:
 @pytest.fixture(scope="module")
 def redis_app(serve_instance, redis_url):
     yield deploy("redisstate", Config(api_keys=[API_KEY], url_allowlist=["127.0.0.1"], state_url=redis_url,
-                                      ingress_replicas=2, encoder_batch_wait_timeout_s=0.01), serve_instance)
+                                      ingress_replicas=2, encoder_batch_wait_timeout_s=0.01, web_ui=False), serve_instance)
     undeploy("redisstate")
 
 

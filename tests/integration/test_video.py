@@ -24,7 +24,7 @@ OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
 
 @pytest.fixture(scope="module")
 def video_url(serve_instance) -> Iterator[str]:
-    config = Config(api_keys=[API_KEY, OTHER_KEY], video_max_sessions=3, video_max_frames=60)
+    config = Config(api_keys=[API_KEY, OTHER_KEY], video_max_sessions=3, video_max_frames=60, web_ui=False)
     yield deploy("video", config, serve_instance)
     undeploy("video")
 

@@ -87,7 +87,7 @@ def test_limits_and_absence_answer_in_the_native_shape(proxy):
     too_big = call(proxy, "POST", "/app/ui/echo", content=b"x" * 1001)
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
     absent = call(UIProxy(), "GET", "/app/ui/events")
-    assert absent.status_code == 503 and "not deployed" in absent.json()["error"]["message"]
+    assert absent.status_code == 404 and "SAM3_WEB_UI=false" in absent.json()["error"]["message"]
 
 
 def test_a_dead_ui_process_is_a_503():
