@@ -15,6 +15,7 @@ from serve_app.core.config import Config
 from serve_app.core.errors import Sam3Error
 from serve_app.core.http import SafeJSONResponse, install_error_handlers, install_gate
 from serve_app.core.media import set_media_store
+from serve_app.core.openapi import NativeError, NotReady, error_responses
 from serve_app.core.stats import rss_bytes
 from serve_app.image.service import SegmentService, set_service
 from serve_app.jobs.backend import set_job_backend
@@ -83,7 +84,7 @@ class Ingress:
         """Liveness: the ingress answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": NotReady, "description": "A model replica is down."}})
     async def readyz(self) -> JSONResponse:
         """Readiness: the encoder and decoder replicas answer."""
         try:
@@ -93,7 +94,7 @@ class Ingress:
             return JSONResponse(status_code=503, content={"status": "not ready", "reason": exc.message})
         return JSONResponse({"status": "ready", "model": self.config.model})
 
-    @app.get("/v1/stats", tags=["ops"])
+    @app.get("/v1/stats", tags=["ops"], responses=error_responses(NativeError, 401, 429, 503, 504))
     async def stats(self) -> dict:
         """Encoder batching, decoder counters and this ingress replica's caches (Ray metrics cover all replicas)."""
         encoder = await await_call(self.encoder.get_stats.remote(), 10.0)

@@ -95,17 +95,35 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        from starlette.routing import Match
+
         err: Sam3Error
+        headers = dict(exc.headers or {})  # Starlette's own: 405 carries `Allow`
         if exc.status_code == 404:
             err = NotFound(f"no route {request.method} {request.url.path}")
         elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer when json.loads fails with other than JSONDecodeError (bad UTF-8, deep nesting...)
             err = BadRequest("request body could not be parsed as JSON (not UTF-8, too deeply nested, or a huge number)")
+        elif exc.status_code == 405:
+            # Starlette's `Allow` names the methods of the first route on the path only; every route on it counts
+            bare = {"type": "http", "path": request.scope["path"], "root_path": request.scope.get("root_path", ""),
+                    "headers": [], "query_string": b""}
+            routes = request.app.router.routes
+            methods = [
+                method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+                if any(route.matches({**bare, "method": method})[0] == Match.FULL for route in routes)
+            ]
+            if methods:
+                headers["Allow"] = ", ".join(methods)
+            err = Sam3Error(f"{request.method} is not allowed on {request.url.path}; allowed: {headers.get('Allow')}")
+            err.status_code, err.code = 405, "method_not_allowed"
         else:
             err = Sam3Error(str(exc.detail))
             err.status_code = exc.status_code
             err.code = "http_error"
-        return error_response(route_path(request), err)
+        response = error_response(route_path(request), err)
+        response.headers.update(headers)
+        return response
 
 
 VIDEO_UPLOADS = ("/v1/video/sessions", "/api/ai/videos/generate", "/api/ai/queue")  # routes that carry a video

@@ -15,6 +15,7 @@ from serve_app.core.auth import bearer
 from serve_app.core.config import Config
 from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error, ValidationFailed
 from serve_app.core.http import register_error_shape, register_key_rule
+from serve_app.core.openapi import error_responses
 from serve_app.core.types import (
     ConceptPrompt,
     ImageInput,
@@ -102,13 +103,19 @@ class PredictArgs(BaseModel):
     threshold: Threshold = Field(DEFAULT_THRESHOLD, description="data[2]: minimum score of a returned mask.")
 
 
+# what each position of `data` must be, as `PredictRequest.args` checks it: documented as the array's prefixItems
+_ARGS = PredictArgs.model_json_schema()["properties"].values()
+_POSITIONS = [{key: value for key, value in arg.items() if key != "title"} for arg in _ARGS]
+
+
 class PredictRequest(BaseModel):
     """`POST /api/predict` (Gradio format). Extra Gradio keys (fn_index, session_hash...) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     data: list[Any] = Field(
-        min_length=2, max_length=3, description="[image_b64, text, threshold]; threshold is optional (0.5)."
+        min_length=2, max_length=3, description="[image_b64, text, threshold]; threshold is optional (0.5).",
+        json_schema_extra={"prefixItems": _POSITIONS},
     )
 
     def args(self) -> PredictArgs:
@@ -258,6 +265,14 @@ def predict_inputs(args: PredictArgs) -> Sam2Inputs:
     return Sam2Inputs(image=args.image, text_prompts=[args.text], confidence_threshold=args.threshold)
 
 
+class SpaceError(BaseModel):
+    """The Space's error body, as `error_body` renders it."""
+
+    success: Literal[False] = Field(description="Always false.")
+    error: str = Field(description="What went wrong, in words a person can act on.")
+    error_type: str = Field(description="A stable machine-readable code (bad_request, unauthorized, ...).")
+
+
 def error_body(exc: Sam3Error) -> dict:
     """The Space's error shape: {"success": false, "error": message, "error_type": code}."""
     return {"success": False, "error": exc.message, "error_type": exc.code}
@@ -284,7 +299,10 @@ async def _segment(service: SegmentService, inputs: Sam2Inputs, tenant: str) -> 
     return render(result, inputs, negative)
 
 
-@router.post("/api/sam2_compatible", response_model=Sam2Response, response_model_exclude_none=True)
+@router.post(
+    "/api/sam2_compatible", response_model=Sam2Response, response_model_exclude_none=True,
+    responses=error_responses(SpaceError, 400, 401, 413, 422, 429, 503, 504),
+)
 async def sam2_compatible(
     body: Sam2Request, service: SegmentService = Depends(get_service), authorization: str | None = Header(None)
 ) -> Sam2Response:
@@ -292,7 +310,10 @@ async def sam2_compatible(
     return await _segment(service, body.inputs, _tenant(service, authorization))
 
 
-@router.post("/api/predict", response_model=PredictResponse, response_model_exclude_none=True)
+@router.post(
+    "/api/predict", response_model=PredictResponse, response_model_exclude_none=True,
+    responses=error_responses(SpaceError, 400, 401, 413, 422, 429, 503, 504),
+)
 async def predict(
     body: PredictRequest, service: SegmentService = Depends(get_service), authorization: str | None = Header(None)
 ) -> PredictResponse:

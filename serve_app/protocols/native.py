@@ -14,6 +14,7 @@ from serve_app.core.auth import bearer
 from serve_app.core.config import Config
 from serve_app.core.errors import InvalidPrompt
 from serve_app.core.http import native_error_body, register_key_rule
+from serve_app.core.openapi import NativeError, error_responses
 from serve_app.core.types import (
     ConceptPrompt,
     ImageInput,
@@ -210,7 +211,10 @@ def _tenant(service: SegmentService, authorization: str | None, api_key: str | N
     return service.auth.tenant(bearer(authorization) or api_key, "`Authorization: Bearer <key>` or `x-api-key`")
 
 
-@router.post("/v1/image/segment", response_model=SegmentResponseOut)
+@router.post(
+    "/v1/image/segment", response_model=SegmentResponseOut,
+    responses=error_responses(NativeError, 400, 401, 404, 410, 413, 422, 429, 503, 504),
+)
 async def segment(
     body: SegmentRequestIn,
     service: SegmentService = Depends(get_service),

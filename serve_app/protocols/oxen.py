@@ -7,7 +7,7 @@ import base64
 import time
 from collections.abc import Callable
 from functools import cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Request
@@ -19,6 +19,7 @@ from serve_app.core.config import Config
 from serve_app.core.errors import NotFound, Sam3Error
 from serve_app.core.http import register_error_shape, register_key_rule
 from serve_app.core.media import MediaStore, media_store
+from serve_app.core.openapi import error_responses
 from serve_app.core.types import (
     ConceptPrompt,
     ImageInput,
@@ -226,6 +227,21 @@ def model_object(config: Config) -> ModelObject:
 MODEL_OBJECTS: dict[str, Callable[[Config], ModelObject]] = {MODEL_ID: model_object}
 
 
+class OxenErrorDetail(BaseModel):
+    type: str = Field(description="The error code (resource_not_found, unauthorized, bad_request, ...).")
+    title: str = Field(description="What went wrong.")
+    details: Any = Field(None, description="Validation errors: [{field, message}, ...]; absent otherwise.")
+
+
+class OxenError(BaseModel):
+    """Oxen's error body, as `error_body` renders it."""
+
+    status: Literal["error"] = Field(description="Always `error`.")
+    status_message: str = Field(description="The error code.")
+    status_description: str = Field(description="What went wrong, in words a person can act on.")
+    error: OxenErrorDetail
+
+
 def error_body(exc: Sam3Error) -> dict:
     """Oxen's error shape: {"status": "error", "status_message": <code>, "status_description": <message>, "error"}."""
     code = {"not_found": "resource_not_found", "internal_error": "internal_server_error"}.get(exc.code, exc.code)
@@ -250,7 +266,10 @@ def oxen_tenant(service: SegmentService = Depends(get_service), authorization: s
     return service.auth.tenant(bearer(authorization), "`Authorization: Bearer <key>`")
 
 
-@router.post("/api/ai/images/edit", response_model=ImageEditResponse, response_model_exclude_none=True)
+@router.post(
+    "/api/ai/images/edit", response_model=ImageEditResponse, response_model_exclude_none=True,
+    responses=error_responses(OxenError, 400, 401, 404, 413, 422, 429, 503, 504),
+)
 async def images_edit(
     body: ImageEditRequest,
     request: Request,
@@ -264,13 +283,15 @@ async def images_edit(
     return await asyncio.to_thread(render_edit, body, result, resolved, publish=publish)
 
 
-@router.get("/api/ai/models", response_model=ModelList)
+@router.get("/api/ai/models", response_model=ModelList, responses=error_responses(OxenError, 401, 422, 503))
 async def list_models(_: str = Depends(oxen_tenant), service: SegmentService = Depends(get_service)) -> ModelList:
     """The models this server answers for."""
     return ModelList(data=[build(service.config) for build in MODEL_OBJECTS.values()])
 
 
-@router.get("/api/ai/models/{model_id}", response_model=ModelObject)
+@router.get(
+    "/api/ai/models/{model_id}", response_model=ModelObject, responses=error_responses(OxenError, 401, 404, 422, 503)
+)
 async def get_model(
     model_id: str, _: str = Depends(oxen_tenant), service: SegmentService = Depends(get_service)
 ) -> ModelObject:
@@ -282,7 +303,8 @@ async def get_model(
 
 @router.get(
     "/api/media/{media_id}", name="oxen_media", response_class=Response,
-    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "video/mp4": {}}, "description": "The file."}},
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "video/mp4": {}}, "description": "The file."},
+               **error_responses(OxenError, 404, 422, 503)},
 )
 async def get_media(media_id: str, service: SegmentService = Depends(get_service)) -> Response:
     """A generated file. No auth: the id is an unguessable capability, like a signed URL, until it expires."""

@@ -19,6 +19,7 @@ from serve_app.core.config import Config
 from serve_app.core.errors import BadRequest, NotFound, Sam3Error, ValidationFailed
 from serve_app.core.http import register_error_shape, validation_error
 from serve_app.core.media import new_media_id
+from serve_app.core.openapi import error_responses, request_body
 from serve_app.core.security import UrlFetcher
 from serve_app.image.service import SegmentService, get_service
 from serve_app.jobs.backend import JobBackend, get_job_backend
@@ -128,11 +129,13 @@ register_error_shape("/api/events", oxen.error_body)  # /api/ai and /api/media a
 router = APIRouter(tags=["oxen"])
 
 
-_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
-    QueueImageRequest.model_json_schema(), QueueVideoRequest.model_json_schema()]}}}}}
+_BODY = request_body({"oneOf": [QueueImageRequest.model_json_schema(), QueueVideoRequest.model_json_schema()]})
 
 
-@router.post("/api/ai/queue", openapi_extra=_BODY)
+@router.post(
+    "/api/ai/queue", openapi_extra=_BODY,
+    responses=error_responses(oxen.OxenError, 400, 401, 404, 413, 422, 429, 503, 504),
+)
 async def enqueue(
     request: Request,
     tenant: str = Depends(oxen.oxen_tenant),
@@ -148,7 +151,7 @@ async def enqueue(
                             for record in records]}
 
 
-@router.get("/api/ai/queue")
+@router.get("/api/ai/queue", responses=error_responses(oxen.OxenError, 401, 422, 429, 503, 504))
 async def list_active(
     model: str | None = Query(None, description="Only this model's generations."),
     tenant: str = Depends(oxen.oxen_tenant),
@@ -158,7 +161,9 @@ async def list_active(
     return {"generations": await jobs.active(tenant, model)}
 
 
-@router.get("/api/ai/queue/{generation_id}")
+@router.get(
+    "/api/ai/queue/{generation_id}", responses=error_responses(oxen.OxenError, 401, 404, 422, 429, 503, 504)
+)
 async def get_generation(
     generation_id: str, tenant: str = Depends(oxen.oxen_tenant), jobs: JobBackend = Depends(get_job_backend)
 ) -> dict:
@@ -166,7 +171,9 @@ async def get_generation(
     return await jobs.get(tenant, generation_id)
 
 
-@router.delete("/api/ai/queue/{generation_id}")
+@router.delete(
+    "/api/ai/queue/{generation_id}", responses=error_responses(oxen.OxenError, 401, 404, 409, 422, 429, 503, 504)
+)
 async def cancel_generation(
     generation_id: str, tenant: str = Depends(oxen.oxen_tenant), jobs: JobBackend = Depends(get_job_backend)
 ) -> dict:
@@ -174,7 +181,10 @@ async def cancel_generation(
     return await jobs.cancel(tenant, generation_id)
 
 
-@router.get("/api/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@router.get(
+    "/api/events", response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **error_responses(oxen.OxenError, 401, 422, 503)},
+)
 async def events(
     tenant: str = Depends(oxen.oxen_tenant),
     service: SegmentService = Depends(get_service),

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve_app.core.config import Config
 from serve_app.core.errors import InvalidPrompt, NotFound
 from serve_app.core.media import media_store
+from serve_app.core.openapi import error_responses
 from serve_app.core.security import UrlFetcher
 from serve_app.image.service import SegmentService, get_service
 from serve_app.protocols import oxen
@@ -152,7 +153,10 @@ oxen.MODEL_OBJECTS[MODEL_ID] = model_object
 router = APIRouter(tags=["oxen"])
 
 
-@router.post("/api/ai/videos/generate", response_model=VideoGenerateResponse, response_model_exclude_none=True)
+@router.post(
+    "/api/ai/videos/generate", response_model=VideoGenerateResponse, response_model_exclude_none=True,
+    responses=error_responses(oxen.OxenError, 400, 401, 404, 410, 413, 422, 429, 503),
+)
 async def videos_generate(
     body: VideoGenerateRequest,
     request: Request,

@@ -16,6 +16,7 @@ from serve_app.core.auth import bearer
 from serve_app.core.cache import CachedLogits
 from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error
 from serve_app.core.http import register_error_shape, register_key_rule
+from serve_app.core.openapi import error_responses
 from serve_app.core.types import (
     Box,
     ConceptPrompt,
@@ -307,6 +308,12 @@ def render_visual(result: SegmentResult, body: VisualSegmentIn, started: float) 
     return VisualSegmentOut(predictions=[render_prediction(i, fmt) for i in best], time=time.perf_counter() - started)
 
 
+class RoboflowError(BaseModel):
+    """Roboflow's error body, as `error_body` renders it."""
+
+    message: str = Field(description="What went wrong, in words a person can act on.")
+
+
 def error_body(exc: Sam3Error) -> dict:
     """Roboflow's inference server answers errors as {"message": "..."}."""
     return {"message": exc.message}
@@ -347,7 +354,10 @@ async def _segment_visual(service: SegmentService, body: VisualSegmentIn, tenant
     return result
 
 
-@router.post("/sam3/concept_segment", response_model=ConceptSegmentOut)
+@router.post(
+    "/sam3/concept_segment", response_model=ConceptSegmentOut,
+    responses=error_responses(RoboflowError, 400, 401, 413, 422, 429, 503, 504),
+)
 async def concept_segment(
     body: ConceptSegmentIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service),
     authorization: str | None = Authorization,
@@ -359,7 +369,10 @@ async def concept_segment(
     return render_concept(result, body, started)
 
 
-@router.post("/sam3/visual_segment", response_model=VisualSegmentOut)
+@router.post(
+    "/sam3/visual_segment", response_model=VisualSegmentOut,
+    responses=error_responses(RoboflowError, 400, 401, 413, 422, 429, 503, 504),
+)
 async def visual_segment(
     body: VisualSegmentIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service),
     authorization: str | None = Authorization,
@@ -371,7 +384,10 @@ async def visual_segment(
     return render_visual(result, body, started)
 
 
-@router.post("/sam3/embed_image", response_model=EmbedImageOut)
+@router.post(
+    "/sam3/embed_image", response_model=EmbedImageOut,
+    responses=error_responses(RoboflowError, 400, 401, 404, 413, 422, 429, 503, 504),
+)
 async def embed_image(
     body: EmbedImageIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service),
     authorization: str | None = Authorization,

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serve_app.core.config import Config
 from serve_app.core.errors import BadRequest, Sam3Error, ServiceUnavailable
 from serve_app.core.http import register_error_shape, register_key_rule
+from serve_app.core.openapi import error_responses, request_body
 from serve_app.core.types import (
     AutoPrompt,
     Box,
@@ -334,20 +335,20 @@ def segmind_statuses() -> Iterator[None]:
 
 
 router = APIRouter(tags=["segmind"])
-_ERRORS = {
+SEGMIND_ERRORS = {  # the words of Segmind's page for its codes
     400: "Invalid parameters or request format", 401: "Missing or invalid API key", 429: "Too many requests",
     500: "Internal server error", 502: "Service temporarily unavailable", 504: "Request timed out",
 }
-ERROR_RESPONSES = {code: {"model": SegmindErrorOut, "description": text} for code, text in _ERRORS.items()}
 API_KEY_PARAMETER = {"name": "x-api-key", "in": "header", "required": True, "schema": {"type": "string"},
                      "description": "Your API key."}
-REQUEST_DOC = {  # the body is parsed by hand so that schema errors are 400s; document it and the key here
-    "requestBody": {"required": True, "content": {"application/json": {"schema": SegmindRequest.model_json_schema()}}},
-    "parameters": [API_KEY_PARAMETER],
-}
+# the body is parsed by hand so that schema errors are 400s; document it and the key here
+REQUEST_DOC = {**request_body(SegmindRequest.model_json_schema()), "parameters": [API_KEY_PARAMETER]}
 
 
-@router.post(PATH, response_model=SegmindResponse, responses=ERROR_RESPONSES, openapi_extra=REQUEST_DOC)
+@router.post(
+    PATH, response_model=SegmindResponse, openapi_extra=REQUEST_DOC,
+    responses=error_responses(SegmindErrorOut, 400, 401, 413, 429, 500, 502, 503, 504, descriptions=SEGMIND_ERRORS),
+)
 async def sam3_image(request: Request, service: SegmentService = Depends(get_service)) -> SegmindResponse:
     """Segmind sam3-image: text, clicks/boxes or automatic masks; JSON with base64 PNG images."""
     with segmind_statuses():

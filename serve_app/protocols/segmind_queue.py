@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from serve_app.core.config import Config
 from serve_app.core.errors import NotFound
 from serve_app.core.http import register_error_shape, register_key_rule
+from serve_app.core.openapi import error_responses
 from serve_app.core.security import UrlFetcher
 from serve_app.image.service import SegmentService, get_service
 from serve_app.jobs.backend import JobBackend, get_job_backend
@@ -114,8 +115,16 @@ def answer(body: StatusOut) -> JSONResponse:
 router = APIRouter(tags=["segmind"])
 
 
+_FAILED = "The request FAILED: its status and `error` (as Segmind's gateway answers it)."
+
+
+def _errors(*statuses: int) -> dict:
+    return error_responses(segmind.SegmindErrorOut, *statuses, descriptions=segmind.SEGMIND_ERRORS)
+
+
 @router.post(
-    "/v2/{slug}", response_model=SubmitOut, responses=segmind.ERROR_RESPONSES, openapi_extra=segmind.REQUEST_DOC
+    "/v2/{slug}", response_model=SubmitOut, openapi_extra=segmind.REQUEST_DOC,
+    responses=_errors(400, 401, 404, 413, 422, 429, 503, 504),
 )
 async def submit(
     slug: str, request: Request, service: SegmentService = Depends(get_service),
@@ -138,8 +147,10 @@ async def submit(
     )
 
 
-@router.get("/v2/requests/{request_id}/status", name="segmind_status", response_model=StatusOut,
-            responses={**segmind.ERROR_RESPONSES, FAILED_HTTP_STATUS: {"model": StatusOut, "description": "FAILED"}})
+@router.get(
+    "/v2/requests/{request_id}/status", name="segmind_status", response_model=StatusOut,
+    responses={**_errors(401, 404, 429, 503, 504), FAILED_HTTP_STATUS: {"model": StatusOut, "description": _FAILED}},
+)
 async def request_status(
     request_id: str, request: Request, service: SegmentService = Depends(get_service),
     jobs: JobBackend = Depends(get_job_backend),
@@ -149,8 +160,10 @@ async def request_status(
     return answer(status_of(await segmind_job(jobs, tenant, request_id)))
 
 
-@router.get("/v2/requests/{request_id}", name="segmind_result", response_model=ResultOut,
-            responses={**segmind.ERROR_RESPONSES, FAILED_HTTP_STATUS: {"model": ResultOut, "description": "FAILED"}})
+@router.get(
+    "/v2/requests/{request_id}", name="segmind_result", response_model=ResultOut,
+    responses={**_errors(401, 404, 429, 503, 504), FAILED_HTTP_STATUS: {"model": ResultOut, "description": _FAILED}},
+)
 async def request_result(
     request_id: str, request: Request, service: SegmentService = Depends(get_service),
     jobs: JobBackend = Depends(get_job_backend),

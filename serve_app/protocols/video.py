@@ -22,6 +22,7 @@ from serve_app.core.errors import (
     ValidationFailed,
 )
 from serve_app.core.http import validation_error_message
+from serve_app.core.openapi import NativeError, error_responses, request_body
 from serve_app.core.security import UrlFetcher
 from serve_app.image.prompts import check_text
 from serve_app.image.service import SegmentService, get_service
@@ -132,7 +133,18 @@ async def _upload(request: Request, service: SegmentService) -> tuple:
     return None, frames, body.fps
 
 
-@router.post("/v1/video/sessions", status_code=201)
+RAW_VIDEO = ("video/*", "application/octet-stream")  # any video/* type, or octet-stream, is read as the raw video
+CREATE_BODY = request_body(
+    SessionCreateIn.model_json_schema(), *RAW_VIDEO,
+    description="JSON {video | frames, fps}, or the encoded video itself as the body (Content-Type video/* or "
+    "application/octet-stream).",
+)
+
+
+@router.post(
+    "/v1/video/sessions", status_code=201, openapi_extra=CREATE_BODY,
+    responses=error_responses(NativeError, 400, 401, 413, 422, 429, 503),
+)
 async def start_session(
     request: Request, service: SegmentService = Depends(get_service),
     backend: VideoBackend = Depends(get_video_backend),
@@ -143,7 +155,7 @@ async def start_session(
     return await backend.create(tenant, *await _create_args(request, service))
 
 
-@router.get("/v1/video/sessions/{session_id}")
+@router.get("/v1/video/sessions/{session_id}", responses=error_responses(NativeError, 401, 404, 410, 422, 503))
 async def session_info(
     session_id: str, service: SegmentService = Depends(get_service), backend: VideoBackend = Depends(get_video_backend),
     authorization: str | None = Header(None), x_api_key: str | None = Header(None),
@@ -152,7 +164,9 @@ async def session_info(
     return {"session_id": session_id, **await backend.call(session_id, tenant, "info")}
 
 
-@router.post("/v1/video/sessions/{session_id}/prompts")
+@router.post(
+    "/v1/video/sessions/{session_id}/prompts", responses=error_responses(NativeError, 400, 401, 404, 410, 413, 422, 503)
+)
 async def add_prompt(
     session_id: str, body: PromptIn, service: SegmentService = Depends(get_service),
     backend: VideoBackend = Depends(get_video_backend),
@@ -175,7 +189,12 @@ async def add_prompt(
     return _render(result)
 
 
-@router.post("/v1/video/sessions/{session_id}/propagate")
+@router.post(
+    "/v1/video/sessions/{session_id}/propagate", response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}, "text/event-stream": {}},
+                     "description": "One line (NDJSON) or event (SSE) per tracked frame, then `done`."},
+               **error_responses(NativeError, 400, 401, 404, 410, 413, 422, 503)},
+)
 async def propagate(
     session_id: str, body: PropagateIn, request: Request, service: SegmentService = Depends(get_service),
     backend: VideoBackend = Depends(get_video_backend),
@@ -216,7 +235,10 @@ def _render(frame: dict) -> dict:
     return {**{k: v for k, v in frame.items() if k != "objects"}, "objects": objects}
 
 
-@router.delete("/v1/video/sessions/{session_id}/objects/{object_id}")
+@router.delete(
+    "/v1/video/sessions/{session_id}/objects/{object_id}",
+    responses=error_responses(NativeError, 401, 404, 410, 422, 503),
+)
 async def remove_object(
     session_id: str, object_id: int, service: SegmentService = Depends(get_service),
     backend: VideoBackend = Depends(get_video_backend),
@@ -227,7 +249,9 @@ async def remove_object(
     return {"session_id": session_id, "removed": object_id}
 
 
-@router.post("/v1/video/sessions/{session_id}/reset")
+@router.post(
+    "/v1/video/sessions/{session_id}/reset", responses=error_responses(NativeError, 401, 404, 410, 413, 422, 503)
+)
 async def reset(
     session_id: str, service: SegmentService = Depends(get_service), backend: VideoBackend = Depends(get_video_backend),
     authorization: str | None = Header(None), x_api_key: str | None = Header(None),
@@ -237,7 +261,7 @@ async def reset(
     return {"session_id": session_id, "reset": True}
 
 
-@router.delete("/v1/video/sessions/{session_id}")
+@router.delete("/v1/video/sessions/{session_id}", responses=error_responses(NativeError, 401, 404, 422, 503))
 async def close(
     session_id: str, service: SegmentService = Depends(get_service), backend: VideoBackend = Depends(get_video_backend),
     authorization: str | None = Header(None), x_api_key: str | None = Header(None),
