@@ -55,6 +55,10 @@ async def call_session(sessions, session_id: str, owner: str, method: str, *args
         ) from None
     except RayTaskError as exc:
         raise unwrap(exc) from None
+    except asyncio.TimeoutError:
+        raise GatewayTimeout(
+            f"video session {session_id!r} did not answer {method} within {timeout_s:g} s; the session is still open"
+        ) from None
     finally:
         sessions.end.remote(session_id)  # fire and forget: the idle clock restarts when the call ends
 async def await_call(awaitable, timeout_s: float, on_timeout=()):
