@@ -427,4 +427,6 @@ def test_malformed_json_and_unknown_route(providers_url):
     response = requests.post(f"{providers_url}/sam3/concept_segment", data="{not json",
                              params={"api_key": API_KEY}, headers={"content-type": "application/json"}, timeout=30)
     assert_error(response, 400, "JSON")
-    assert_error(requests.post(f"{providers_url}/sam3/nope", json={}, timeout=30), 404, "no route")
+    assert_error(requests.post(f"{providers_url}/sam3/nope", json={}, params={"api_key": API_KEY}, timeout=30), 404,
+                 "no route")
+    assert_error(requests.post(f"{providers_url}/sam3/nope", json={}, timeout=30), 401, "api_key")  # keys first
