@@ -38,7 +38,7 @@ system-deps:
 	  else echo "missing$$missing (not root or no apt-get): the tests that need them will skip"; fi; fi
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=40 tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -303,4 +303,5 @@ def test_unknown_route(app_url: str) -> None:
 
 def test_wrong_method(app_url: str) -> None:
     response = requests.get(f"{app_url}/v1/image/segment", timeout=30)
-    assert_error(response, 405, "http_error", "method not allowed")
+    assert_error(response, 405, "method_not_allowed", "GET is not allowed", "/v1/image/segment", "POST")
+    assert response.headers["allow"] == "POST"
