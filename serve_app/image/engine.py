@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import OrderedDict
@@ -21,21 +22,28 @@ from serve_app.core.types import (
     VisualPrompt,
 )
 from serve_app.image import postprocess as pp
-from serve_app.image.geometry import nms_torch, normalized_cxcywh_from_xyxy
+from serve_app.image.geometry import normalized_cxcywh_from_xyxy
 from serve_app.image.models import ModelBundle
 
 PIXEL_MEAN = 0.5  # Sam3ImageProcessor normalises with IMAGENET_STANDARD mean/std
 PIXEL_STD = 0.5
 AUTO_POINT_BATCH = 64  # grid points per tracker forward in automatic mask generation
+AUTO_POOL_FACTOR = 2  # low-res automatic-mask candidates kept while the grid runs: this many times the mask cap
 STABILITY_OFFSET = 1.0  # as SAM's automatic mask generator: IoU of masks cut at logit -1 and +1
 
 
 class ImageEngine:
     """Plain class wrapping a `ModelBundle`; the Ray deployments and the benchmarks both use it."""
 
-    def __init__(self, bundle: ModelBundle, text_cache_size: int = 1024, prompt_batch: int = 1) -> None:
+    def __init__(
+        self, bundle: ModelBundle, text_cache_size: int = 1024, prompt_batch: int = 1,
+        auto_pool_factor: int = AUTO_POOL_FACTOR, max_result_bytes: int = pp.MAX_RESULT_RLE_BYTES,
+    ) -> None:
         self.bundle = bundle
         self.prompt_batch = prompt_batch  # >1 batches prompts through DETR: faster, not bitwise equal to batch 1
+        self.auto_pool_factor = max(0, auto_pool_factor)  # memory vs recomputation: results never depend on it
+        self.auto_recomputed_chunks = 0  # grid chunks run twice because a winner had left the pool
+        self.max_result_bytes = max_result_bytes  # RLE bytes of one decode's masks; over it: 413
         self.device, self.dtype = bundle.device, bundle.dtype
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._text_cache_size = text_cache_size
@@ -118,21 +126,29 @@ class ImageEngine:
 
     @torch.inference_mode()
     def decode(
-        self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
+        self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
+        deadline: float | None = None,
     ) -> SegmentResult:
-        """All prompts of one image against its embedding; masks come back as RLE at the original size."""
+        """All prompts of one image against its embedding; masks come back as RLE at the original size.
+
+        deadline (time.monotonic()): past it, the work stops at the next chunk with a 504 (GatewayTimeout).
+        """
         start = time.perf_counter()
+        budget = pp.ResultBudget(self.max_result_bytes, deadline)
         results: list[PromptResult | None] = [None] * len(prompts)
         concept = [(i, p) for i, p in enumerate(prompts) if isinstance(p, ConceptPrompt)]
         for group in _group_by_box_count(concept, self.prompt_batch):
-            for index, result in zip([i for i, _ in group], self._decode_concepts(embedding, group, params, size)):
+            budget.check_deadline()
+            decoded = self._decode_concepts(embedding, group, params, size, budget)
+            for index, result in zip([i for i, _ in group], decoded):
                 results[index] = result
         visual = [(i, p) for i, p in enumerate(prompts) if isinstance(p, (VisualPrompt, AutoPrompt))]
         if visual:
             features = self.tracker_embeddings(embedding)
             for i, prompt in visual:
+                budget.check_deadline()
                 decode = self._decode_auto if isinstance(prompt, AutoPrompt) else self._decode_visual
-                results[i] = decode(features, i, prompt, params, size)
+                results[i] = decode(features, i, prompt, params, size, budget)
         if params.cross_prompt_nms_iou is not None and concept:
             kept = pp.cross_prompt_nms([results[i].instances for i, _ in concept], params.cross_prompt_nms_iou)
             for (i, _), instances in zip(concept, kept):
@@ -142,7 +158,7 @@ class ImageEngine:
 
     def _decode_concepts(
         self, embedding: torch.Tensor, group: list[tuple[int, ConceptPrompt]], params: SegmentParams,
-        size: tuple[int, int],
+        size: tuple[int, int], budget: pp.ResultBudget | None = None,
     ) -> list[PromptResult]:
         prompts = [p for _, p in group]
         text_embeds, text_mask = self.text_features([p.text or "visual" for p in prompts])
@@ -161,8 +177,11 @@ class ImageEngine:
             keep, pixel_boxes = pp.select_concept_instances(
                 scores[row], outputs.pred_boxes[row], threshold, params.nms_iou, params.max_instances, size
             )
-            masks = pp.upsample_probabilities(outputs.pred_masks[row][keep], size, params.mask_threshold)
-            results.append(PromptResult(index, prompt, pp.build_instances(masks, pixel_boxes, scores[row][keep])))
+            instances = pp.instances_from_low_res(  # full-size masks a chunk at a time, never all at once
+                outputs.pred_masks[row][keep], size, scores[row][keep], pixel_boxes, params.mask_threshold,
+                budget=budget,
+            )
+            results.append(PromptResult(index, prompt, instances))
         return results
 
     def _exemplar_tensors(
@@ -200,7 +219,7 @@ class ImageEngine:
 
     def _decode_visual(
         self, features: list[torch.Tensor], index: int, prompt: VisualPrompt, params: SegmentParams,
-        size: tuple[int, int],
+        size: tuple[int, int], budget: pp.ResultBudget | None = None,
     ) -> PromptResult:
         out = self.bundle.tracker(
             image_embeddings=features, multimask_output=prompt.multimask, **self.visual_inputs(prompt, size)
@@ -208,43 +227,81 @@ class ImageEngine:
         logits, iou = out.pred_masks[0, 0], out.iou_scores[0, 0].float()
         order = torch.argsort(iou, descending=True, stable=True)
         logits, iou = logits[order], iou[order]
-        masks = pp.upsample_logits(logits, size)
-        instances = pp.build_instances(masks, pp.mask_boxes(masks), iou)
+        instances = pp.instances_from_low_res(logits, size, iou, budget=budget)
         low_res = logits.float().cpu().numpy() if params.return_logits else None
         return PromptResult(index, prompt, instances, low_res)
 
     def _decode_auto(
         self, features: list[torch.Tensor], index: int, prompt: AutoPrompt, params: SegmentParams,
-        size: tuple[int, int],
+        size: tuple[int, int], budget: pp.ResultBudget | None = None,
     ) -> PromptResult:
-        """A grid of single positive clicks, 3 candidates each; keep confident, stable, non-duplicate masks."""
-        n, side = prompt.points_per_side, self.bundle.image_size
-        ticks = (torch.arange(n, dtype=torch.float32) + 0.5) / n
-        grid = torch.stack(torch.meshgrid(ticks, ticks, indexing="xy"), dim=-1).reshape(-1, 2) * side
-        logits_all, scores_all = [], []
-        for chunk in grid.split(AUTO_POINT_BATCH):
-            out = self.bundle.tracker(
-                image_embeddings=features,
-                input_points=chunk[None, :, None].to(self.device, self.dtype),
-                input_labels=torch.ones((1, len(chunk), 1), dtype=torch.long, device=self.device),
-                multimask_output=True,
-            )
-            logits_all.append(out.pred_masks[0].flatten(0, 1).float())
-            scores_all.append(out.iou_scores[0].flatten().float())
-        logits, scores = torch.cat(logits_all), torch.cat(scores_all)
-        keep = scores > prompt.pred_iou_thresh
-        if prompt.stability_score_thresh > 0:
-            keep &= stability_scores(logits) >= prompt.stability_score_thresh
-        logits, scores = logits[keep], scores[keep]
-        nonempty = (logits > 0).flatten(1).any(dim=1)
-        logits, scores = logits[nonempty], scores[nonempty]
-        if logits.shape[0] > 1:
-            order = nms_torch(pp.mask_boxes(logits > 0), scores, prompt.nms_iou)
-            logits, scores = logits[order], scores[order]
+        """A grid of single positive clicks, 3 candidates each; keep confident, stable, non-duplicate masks.
+
+        Streamed, AUTO_POINT_BATCH clicks at a time: each candidate's score, stability, emptiness and low-res box
+        come from its own chunk; only the boxes and scores of those that pass are kept, and the low-res masks of
+        a pool of auto_pool_factor x cap (the likely winners). NMS then runs on all boxes and stops at the cap.
+        A winner that fell out of the pool is recomputed from its chunk (the same forward, the same bits), so the
+        result equals filtering and NMS over all candidates at once; memory no longer grows with the grid.
+        """
         cap = min(params.max_instances, prompt.max_masks) if prompt.max_masks > 0 else params.max_instances
-        logits, scores = logits[:cap], scores[:cap]
-        masks = pp.upsample_logits(logits, size)
-        return PromptResult(index, prompt, pp.build_instances(masks, pp.mask_boxes(masks), scores))
+        chunks = _auto_grid(prompt.points_per_side, self.bundle.image_size).split(AUTO_POINT_BATCH)
+        pool = _CandidatePool(self.auto_pool_factor * cap, cap, prompt.nms_iou)
+        ids, scores, boxes, offsets = [], [], [], []
+        offset = 0
+        for chunk in chunks:
+            if budget is not None:
+                budget.check_deadline()
+            logits, chunk_scores = self._auto_forward(features, chunk)
+            keep = chunk_scores > prompt.pred_iou_thresh
+            if prompt.stability_score_thresh > 0:
+                keep &= stability_scores(logits) >= prompt.stability_score_thresh
+            keep &= (logits > 0).flatten(1).any(dim=1)  # empty masks have no box
+            rows = torch.nonzero(keep).flatten()
+            if rows.numel():
+                kept = logits[rows]
+                ids.append(rows + offset)
+                scores.append(chunk_scores[rows])
+                boxes.append(pp.mask_boxes(kept > 0))
+                pool.add(ids[-1], scores[-1], boxes[-1], kept)
+                del kept
+            offsets.append(offset)
+            offset += chunk_scores.numel()
+            del logits, chunk_scores
+        if not ids:
+            return PromptResult(index, prompt, [])
+        ids, scores, boxes = torch.cat(ids), torch.cat(scores), torch.cat(boxes)
+        winners = pp.nms_capped(boxes, scores, prompt.nms_iou, cap)
+        logits = self._auto_winners(features, chunks, offsets, ids[winners], pool)
+        return PromptResult(index, prompt, pp.instances_from_low_res(logits, size, scores[winners], budget=budget))
+
+    def _auto_forward(self, features: list[torch.Tensor], chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits (3 x clicks, h, w) and predicted IoUs of one chunk of grid clicks."""
+        out = self.bundle.tracker(
+            image_embeddings=features,
+            input_points=chunk[None, :, None].to(self.device, self.dtype),
+            input_labels=torch.ones((1, len(chunk), 1), dtype=torch.long, device=self.device),
+            multimask_output=True,
+        )
+        return out.pred_masks[0].flatten(0, 1).float(), out.iou_scores[0].flatten().float()
+
+    def _auto_winners(
+        self, features: list[torch.Tensor], chunks: tuple[torch.Tensor, ...], offsets: list[int],
+        winner_ids: torch.Tensor, pool: _CandidatePool,
+    ) -> torch.Tensor:
+        """The low-res logits of the winners, in order: from the pool, else recomputed from their chunks."""
+        found = pool.lookup(winner_ids)
+        missing: dict[int, list[int]] = {}
+        for j, candidate in enumerate(winner_ids.tolist()):
+            if found[j] is None:
+                missing.setdefault(bisect.bisect_right(offsets, candidate) - 1, []).append(j)
+        rows: list[torch.Tensor | None] = [pool.logits[slot] if slot is not None else None for slot in found]
+        for c, positions in missing.items():
+            self.auto_recomputed_chunks += 1
+            logits, _ = self._auto_forward(features, chunks[c])
+            for j in positions:
+                rows[j] = logits[int(winner_ids[j]) - offsets[c]].clone()
+            del logits
+        return torch.stack(rows)
 
     # ---- both -------------------------------------------------------------------------------------
 
@@ -252,6 +309,45 @@ class ImageEngine:
         """The whole pipeline in-process (benchmark baseline and unit tests)."""
         embedding = self.encode([image])[0]
         return self.decode(embedding, prompts, params, (image.shape[0], image.shape[1]))
+
+
+def _auto_grid(points_per_side: int, side: int) -> torch.Tensor:
+    """Click centres of a points_per_side^2 grid over the model's square input, row by row."""
+    ticks = (torch.arange(points_per_side, dtype=torch.float32) + 0.5) / points_per_side
+    return torch.stack(torch.meshgrid(ticks, ticks, indexing="xy"), dim=-1).reshape(-1, 2) * side
+
+
+class _CandidatePool:
+    """Low-res automatic-mask candidates held while the grid runs: at most `capacity` of them.
+
+    After each chunk it keeps the winners of NMS (capped) over what it holds plus the chunk, then the best scores
+    of the rest. What it holds only decides what need not be recomputed at the end, never the result.
+    """
+
+    def __init__(self, capacity: int, cap: int, nms_iou: float) -> None:
+        self.capacity, self.cap, self.nms_iou = capacity, cap, nms_iou
+        self.ids = self.scores = self.boxes = self.logits = None
+
+    def add(self, ids: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        if self.ids is not None:  # the pool's ids all precede the chunk's: the concatenation stays in grid order
+            ids, scores = torch.cat([self.ids, ids]), torch.cat([self.scores, scores])
+            boxes, logits = torch.cat([self.boxes, boxes]), torch.cat([self.logits, logits])
+        if ids.numel() > self.capacity:
+            winners = pp.nms_capped(boxes, scores, self.nms_iou, min(self.cap, self.capacity))
+            rest = torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
+            rest[winners] = False
+            rest = torch.nonzero(rest).flatten()
+            best = rest[torch.sort(scores[rest], descending=True, stable=True).indices[: self.capacity - winners.numel()]]
+            keep = torch.sort(torch.cat([winners, best])).values
+            ids, scores, boxes, logits = ids[keep], scores[keep], boxes[keep], logits[keep]
+        self.ids, self.scores, self.boxes, self.logits = ids, scores, boxes, logits
+
+    def lookup(self, wanted: torch.Tensor) -> list[int | None]:
+        """The pool slot of each wanted candidate id, None where it is not held."""
+        slots = {} if self.ids is None else {int(c): i for i, c in enumerate(self.ids.tolist())}
+        return [slots.get(int(c)) for c in wanted.tolist()]
 
 
 def stability_scores(logits: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,55 @@
-"""Post-processing after the model: scores, thresholds, NMS, caps, upsampling and RLE. numpy/torch/pycocotools only."""
+"""Post-processing after the model: scores, thresholds, NMS, caps, upsampling and RLE (numpy, torch, cv2, pycocotools).
+
+Full-size masks are never held all at once: `full_size_chunks` upsamples a few at a time (MASK_CHUNK_BYTES of
+working memory), the caller RLE-encodes the chunk and drops it (docs/memory.md).
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_utils
 
+from serve_app.core.errors import GatewayTimeout, PayloadTooLarge
 from serve_app.core.types import Instance
-from serve_app.image.codecs import rle_encode_many
-from serve_app.image.geometry import nms_torch
+from serve_app.image.geometry import _box_iou_torch, nms_torch
+
+MASK_CHUNK_BYTES = 64 * 1024**2  # working memory of one chunk of full-size masks (at least one mask per chunk)
+BYTES_PER_MASK_PIXEL = 5  # float32 values and their bool cut, together; then RLE: 2 B/px a mask + 4 B/px once
+NMS_BLOCK = 256  # candidates compared against each other at once by `nms_capped`
+MAX_RESULT_RLE_BYTES = 256 * 1024**2  # RLE one request's masks may take (the answer's size and the decoder's)
+
+
+class ResultBudget:
+    """The RLE bytes one request may produce, charged chunk by chunk so an oversized answer stops early (413).
+
+    With a deadline (time.monotonic()), it also ends work nobody waits for: once the caller's timeout has passed
+    (the client already has its 504), the next chunk raises instead of running on for minutes.
+    """
+
+    def __init__(self, limit: int = MAX_RESULT_RLE_BYTES, deadline: float | None = None) -> None:
+        self.limit, self.used, self.deadline = limit, 0, deadline
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise GatewayTimeout(
+                "the masks of this request took longer than the request timeout (SAM3_REQUEST_TIMEOUT_S): ask for "
+                "fewer prompts, instances or points_per_side, or send a smaller image"
+            )
+
+    def charge(self, instances: list[Instance]) -> None:
+        self.check_deadline()
+        self.used += sum(len(i.rle["counts"]) for i in instances)
+        if self.used > self.limit:
+            raise PayloadTooLarge(
+                f"the masks of this request take more than {self.limit / 1024**2:.0f} MiB as RLE: ask for fewer "
+                "prompts or instances (max_instances), or send a smaller image"
+            )
 
 
 def concept_scores(pred_logits: torch.Tensor, presence_logits: torch.Tensor | None) -> torch.Tensor:
@@ -53,6 +95,50 @@ def upsample_logits(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.T
     return F.interpolate(mask_logits.float()[None], size=size, mode="bilinear", align_corners=False)[0] > 0.0
 
 
+def mask_chunk_size(size: tuple[int, int], chunk_bytes: int = MASK_CHUNK_BYTES) -> int:
+    """Full-size masks cut per chunk: as many as fit `chunk_bytes` of working memory, at least one."""
+    return max(1, chunk_bytes // max(1, size[0] * size[1] * BYTES_PER_MASK_PIXEL))
+
+
+def full_size_chunks(
+    mask_logits: torch.Tensor, size: tuple[int, int], threshold: float | None = None,
+    chunk_bytes: int = MASK_CHUNK_BYTES,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, bool (k, H, W) masks) for consecutive chunks of low-res masks, cut at the original size.
+
+    threshold None: logits > 0 (visual masks); else sigmoid > threshold (concept masks). Bilinear interpolation
+    treats every mask on its own, so the chunks are bitwise the masks `upsample_*` makes for the whole stack.
+    """
+    step = mask_chunk_size(size, chunk_bytes)
+    for start in range(0, mask_logits.shape[0], step):
+        rows = slice(start, min(start + step, mask_logits.shape[0]))
+        chunk = mask_logits[rows]
+        if threshold is None:
+            yield rows, upsample_logits(chunk, size)
+        else:
+            yield rows, upsample_probabilities(chunk, size, threshold)
+
+
+def instances_from_low_res(
+    mask_logits: torch.Tensor, size: tuple[int, int], scores: torch.Tensor, boxes: torch.Tensor | None = None,
+    threshold: float | None = None, chunk_bytes: int = MASK_CHUNK_BYTES, budget: ResultBudget | None = None,
+) -> list[Instance]:
+    """Instances (RLE at the original size) from low-res masks, chunk by chunk: memory is one chunk, not N masks.
+
+    boxes None: the tight box of each full-size mask (visual masks); else the given pixel boxes (concept).
+    """
+    instances: list[Instance] = []
+    for rows, masks in full_size_chunks(mask_logits, size, threshold, chunk_bytes):
+        if budget is not None:
+            budget.check_deadline()
+        chunk = build_instances(masks, None if boxes is None else boxes[rows], scores[rows])
+        del masks  # before the next chunk is cut: one chunk alive at a time
+        if budget is not None:
+            budget.charge(chunk)
+        instances.extend(chunk)
+    return instances
+
+
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight xyxy boxes (pixel edges) around (N, H, W) masks; zeros for empty masks."""
     n = masks.shape[0]
@@ -67,13 +153,70 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build_instances(masks: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor) -> list[Instance]:
-    rles = rle_encode_many(masks.cpu().numpy())
-    areas = masks.flatten(1).sum(dim=1).tolist() if masks.shape[0] else []
+def encode_masks(masks: torch.Tensor) -> tuple[list[dict], list[tuple[float, float, float, float]], list[int]]:
+    """(k, H, W) bool masks -> COCO compressed RLE, tight xyxy box (pixel edges; zeros when empty) and area of each.
+
+    pycocotools reads column-major masks: one transposed uint8 copy of the chunk (cv2's SIMD transpose, about 10x
+    numpy's strided copy on 40 MP); boxes and areas come from the RLE runs, the integers `mask_boxes` and a pixel
+    count give.
+    """
+    if masks.shape[0] == 0:
+        return [], [], []
+    arr = masks.cpu().numpy().view(np.uint8)
+    count, height, width = (int(v) for v in arr.shape)
+    columns = np.empty((count, width, height), dtype=np.uint8)  # row-major (W, H) = column-major (H, W)
+    for i in range(count):
+        try:
+            cv2.transpose(arr[i], dst=columns[i])
+        except cv2.error:  # shapes OpenCV refuses: numpy's copy gives the same bytes, slower
+            columns[i] = arr[i].T
+    del arr
+    encoded = mask_utils.encode(columns.transpose(2, 1, 0))  # (H, W, k), Fortran-ordered: no further copy
+    del columns
+    areas = [int(a) for a in mask_utils.area(encoded)]
+    boxes = [(float(x), float(y), float(x + w), float(y + h)) for x, y, w, h in mask_utils.toBbox(encoded).tolist()]
+    rles = [{"size": [height, width], "counts": r["counts"].decode("utf-8")} for r in encoded]
+    return rles, boxes, areas
+
+
+def build_instances(masks: torch.Tensor, boxes: torch.Tensor | None, scores: torch.Tensor) -> list[Instance]:
+    """Instances of one chunk of full-size masks; boxes None: each mask's tight box."""
+    rles, tight, areas = encode_masks(masks)
+    given = tight if boxes is None else [tuple(float(v) for v in box) for box in boxes.tolist()]
     return [
-        Instance(rle=rle, box=tuple(float(v) for v in box), score=float(score), area=int(area))
-        for rle, box, score, area in zip(rles, boxes.tolist(), scores.tolist(), areas)
+        Instance(rle=rle, box=box, score=float(score), area=area)
+        for rle, box, score, area in zip(rles, given, scores.tolist(), areas)
     ]
+
+
+def nms_capped(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, cap: int) -> torch.Tensor:
+    """The first `cap` indices `nms_torch` keeps, without its N x N matrix: O(N + cap) memory.
+
+    Greedy NMS decides each box from the boxes kept before it (in score order), so stopping at `cap` kept
+    boxes changes nothing before it; each pair's IoU is the same elementwise arithmetic as in `nms_torch`.
+    """
+    if boxes.numel() == 0 or cap <= 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    work = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    b = boxes.reshape(-1, 4).to(work)
+    order = torch.sort(scores.reshape(-1).to(work), descending=True, stable=True).indices
+    kept: list[int] = []
+    for start in range(0, order.numel(), NMS_BLOCK):
+        block = order[start : start + NMS_BLOCK]
+        candidates = b[block]
+        if kept:
+            suppressed = (_box_iou_torch(b[order[kept]], candidates) > iou_threshold).any(dim=0).cpu().numpy()
+        else:
+            suppressed = np.zeros(block.numel(), dtype=bool)
+        overlaps = (_box_iou_torch(candidates, candidates) > iou_threshold).cpu().numpy()
+        for i in range(block.numel()):
+            if suppressed[i]:
+                continue
+            kept.append(start + i)
+            if len(kept) == cap:
+                return order[kept]
+            suppressed |= overlaps[i]
+    return order[kept]
 
 
 def cross_prompt_nms(per_prompt: list[list[Instance]], iou_threshold: float) -> list[list[Instance]]:

@@ -12,6 +12,7 @@ import numpy as np
 from serve_app.core.config import Config
 from serve_app.core.errors import BadRequest
 from serve_app.core.stats import rss_bytes
+from serve_app.image.codecs import rle_decode
 from serve_app.image.engine import ImageEngine
 from serve_app.image.models import load_bundle
 from serve_app.video.io import Video, VideoLimits, decode_video, frames_from_images, render_masks_video
@@ -28,6 +29,7 @@ class SessionState:
         self.video: Video | None = None
         self._cursor: Iterator[FrameResult] | None = None
         self.frames_propagated = 0
+        self.objects_rendered = 0  # most objects on one frame of the last render
         self.last_used = time.monotonic()
 
     def load(self, data: bytes | None, frames: list[np.ndarray] | None, fps: float | None) -> dict:
@@ -91,17 +93,39 @@ class SessionState:
         return out or None
 
     def render(self, text: str, apply_mask: bool) -> bytes:
-        """Track every instance of `text` through the whole video and return it as H.264 mp4 with masks."""
+        """Track every instance of `text` through the whole video and return it as H.264 mp4 with masks.
+
+        Frame by frame into the encoder: each frame's masks are decoded from RLE, drawn and encoded as the
+        propagation yields it, then dropped; the tracking state keeps only the frames the model still reads
+        (VideoSession.propagate one_pass) and is reset afterwards. Memory does not grow with frames x objects x
+        pixels (docs/memory.md).
+        """
         session = self._session()
         session.reset()
         session.add_text(text)
-        per_frame: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(session.num_frames)]
-        from serve_app.image.codecs import rle_decode
+        self.objects_rendered = 0
+        try:
+            return render_masks_video(self.video, self._frames_in_order(session), apply_mask=apply_mask)
+        finally:
+            session.reset()  # one_pass dropped the frames behind the window: nothing may build on that state
+            self._cursor = None
 
-        for result in session.propagate("forward", 0, None):
+    def _frames_in_order(self, session: VideoSession) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """One list of (object_id, mask) per frame, 0..n-1, as the forward propagation produces them.
+
+        Results that arrive ahead of their turn wait as RLE (kilobytes); a frame the model never reports is empty.
+        """
+        waiting: dict[int, list[dict]] = {}
+        turn = 0
+        for result in session.propagate("forward", 0, None, one_pass=True):
             self.frames_propagated += 1
-            per_frame[result.frame_index] = [(o["object_id"], rle_decode(o["rle"])) for o in result.objects]
-        return render_masks_video(self.video, per_frame, apply_mask=apply_mask)
+            waiting[result.frame_index] = result.objects
+            self.objects_rendered = max(self.objects_rendered, len(result.objects))
+            while turn in waiting:
+                yield [(o["object_id"], rle_decode(o["rle"])) for o in waiting.pop(turn)]
+                turn += 1
+        for index in range(turn, session.num_frames):
+            yield [(o["object_id"], rle_decode(o["rle"])) for o in waiting.pop(index, [])]
 
     def close(self) -> None:
         if self.session is not None:

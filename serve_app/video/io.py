@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -349,40 +350,70 @@ def mp4_codec() -> str:
     raise RuntimeError("this FFmpeg build has neither libx264 nor mpeg4 encoders")
 
 
-def encode_mp4(frames: Sequence[np.ndarray], fps: float) -> bytes:
-    """RGB frames (one size) to MP4 bytes: H.264 yuv420p, or MPEG-4 Part 2 where libx264 is missing.
+class Mp4Writer:
+    """An MP4 written one frame at a time: H.264 yuv420p, or MPEG-4 Part 2 where libx264 is missing.
 
+    Memory is the encoder's few frames of look-ahead plus the compressed bytes, never the whole video decoded.
     yuv420p needs even sides: an odd width or height is padded by one replicated edge row/column.
     The moov atom is written at the end (no faststart: that needs a second pass over a file).
     """
-    if not frames:
-        raise ValueError("encode_mp4 needs at least one frame")
-    first = np.asarray(frames[0])
-    if first.ndim != 3 or first.shape[2] != 3 or first.dtype != np.uint8:
-        raise ValueError(f"expected RGB uint8 frames (H, W, 3), got {first.dtype} {first.shape}")
-    height, width = first.shape[:2]
-    pad = ((0, height % 2), (0, width % 2), (0, 0))
-    rate = Fraction(fps if math.isfinite(fps) and 0 < fps <= _MAX_FPS else DEFAULT_FPS).limit_denominator(1001)
-    codec = mp4_codec()
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = width + width % 2, height + height % 2
-        stream.pix_fmt = "yuv420p"
+
+    def __init__(self, width: int, height: int, fps: float) -> None:
+        self.width, self.height, self.frames = int(width), int(height), 0
+        self._pad = ((0, self.height % 2), (0, self.width % 2), (0, 0))
+        rate = Fraction(fps if math.isfinite(fps) and 0 < fps <= _MAX_FPS else DEFAULT_FPS).limit_denominator(1001)
+        codec = mp4_codec()
+        self._buffer = io.BytesIO()
+        self._container = av.open(self._buffer, mode="w", format="mp4")
+        self._stream = self._container.add_stream(codec, rate=rate)
+        self._stream.width, self._stream.height = self.width + self.width % 2, self.height + self.height % 2
+        self._stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"preset": "veryfast", "crf": "23"}
+            self._stream.options = {"preset": "veryfast", "crf": "23"}
         else:
-            stream.bit_rate = max(1_000_000, stream.width * stream.height * 4)
-        for i, img in enumerate(frames):
-            arr = np.asarray(img)
-            if arr.shape != first.shape or arr.dtype != np.uint8:
-                raise ValueError(f"frame {i} is {arr.dtype} {arr.shape}, frame 0 is {first.shape}")
-            if pad[0][1] or pad[1][1]:
-                arr = np.pad(arr, pad, mode="edge")
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return buffer.getvalue()
+            self._stream.bit_rate = max(1_000_000, self._stream.width * self._stream.height * 4)
+
+    def write(self, image: np.ndarray) -> None:
+        arr = np.asarray(image)
+        if arr.shape != (self.height, self.width, 3) or arr.dtype != np.uint8:
+            raise ValueError(
+                f"frame {self.frames} is {arr.dtype} {arr.shape}, frame 0 is {(self.height, self.width, 3)}"
+            )
+        if self._pad[0][1] or self._pad[1][1]:
+            arr = np.pad(arr, self._pad, mode="edge")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+        self._container.mux(self._stream.encode(frame))
+        self.frames += 1
+
+    def finish(self) -> bytes:
+        """Flush the encoder, close the container and return the MP4's bytes."""
+        self._container.mux(self._stream.encode(None))
+        self._container.close()
+        return self._buffer.getvalue()
+
+    def abort(self) -> None:
+        """Close without flushing (after an error: the error is the one to report)."""
+        with contextlib.suppress(Exception):
+            self._container.close()
+
+
+def encode_mp4(frames: Iterable[np.ndarray], fps: float) -> bytes:
+    """RGB frames (one size) to MP4 bytes (see Mp4Writer); `frames` is read once, one frame at a time."""
+    writer = None
+    for img in frames:
+        arr = np.asarray(img)
+        if writer is None:
+            if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+                raise ValueError(f"expected RGB uint8 frames (H, W, 3), got {arr.dtype} {arr.shape}")
+            writer = Mp4Writer(arr.shape[1], arr.shape[0], fps)
+        try:
+            writer.write(arr)
+        except BaseException:
+            writer.abort()
+            raise
+    if writer is None:
+        raise ValueError("encode_mp4 needs at least one frame")
+    return writer.finish()
 
 
 # ------------------------------------------------------------------ masks
@@ -396,24 +427,38 @@ def object_color(object_id: int) -> tuple[int, int, int]:
     return PALETTE[int(object_id) % len(PALETTE)]
 
 
-def render_masks_video(video: Video, frame_masks: FrameMasks, *, apply_mask: bool) -> bytes:
-    """MP4 of the video with each object's mask drawn in its own stable colour.
+def render_masks_video(
+    video: Video, frame_masks: Iterable[Sequence[tuple[int, np.ndarray]]], *, apply_mask: bool
+) -> bytes:
+    """MP4 of the video with each object's mask drawn in its own stable colour, rendered frame by frame.
 
     apply_mask=True fills masks at 50 % opacity and outlines them; apply_mask=False only outlines them (the
-    frames stay readable and the tracked objects are still visible). frame_masks holds one (possibly empty)
-    list of (object_id, bool (H, W) mask) per frame.
+    frames stay readable and the tracked objects are still visible). frame_masks yields one (possibly empty)
+    list of (object_id, bool (H, W) mask) per frame, in order; it may be a generator, so only one frame's masks
+    and one rendered frame are alive at a time (docs/memory.md).
     """
-    if len(frame_masks) != video.num_frames:
+    if isinstance(frame_masks, Sized) and len(frame_masks) != video.num_frames:
         raise ValueError(f"got masks for {len(frame_masks)} frames, the video has {video.num_frames}")
     alpha = 0.5 if apply_mask else 0.0
-    rendered = []
-    for frame, objects in zip(video.frames, frame_masks):
-        if not objects:
-            rendered.append(frame)
-            continue
-        colors = [object_color(object_id) for object_id, _ in objects]
-        rendered.append(overlay(frame, [mask for _, mask in objects], alpha=alpha, colors=colors))
-    return encode_mp4(rendered, video.fps)
+    writer = Mp4Writer(video.width, video.height, video.fps)
+    count = 0
+    try:
+        for objects in frame_masks:
+            if count >= video.num_frames:
+                raise ValueError(f"got masks for more than {video.num_frames} frames, the video has {video.num_frames}")
+            frame = video.frames[count]
+            if objects:
+                colors = [object_color(object_id) for object_id, _ in objects]
+                frame = overlay(frame, [mask for _, mask in objects], alpha=alpha, colors=colors)
+            writer.write(frame)
+            count += 1
+            del frame, objects  # this frame's masks and pixels go before the next frame's are made
+        if count != video.num_frames:
+            raise ValueError(f"got masks for {count} frames, the video has {video.num_frames}")
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish()
 
 
 def masks_to_rle(frame_masks: FrameMasks) -> list[list[dict[str, Any]]]:

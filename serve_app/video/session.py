@@ -91,6 +91,8 @@ class VideoSession:
 
     def _enter(self, mode: Literal["text", "click"]) -> None:
         if self.mode is None:
+            if mode == "text":  # text prompts track what they find: at most max_objects of them, as clicks
+                self.bundle.video.max_num_objects = self.max_objects
             self.mode, self._hf = mode, self._new_hf_session(mode)
         elif self.mode != mode:
             other = "text prompts" if self.mode == "text" else "clicks and boxes"
@@ -158,6 +160,7 @@ class VideoSession:
         session.remove_mask_inputs(obj_idx, entry.frame_index)
         session.obj_with_new_inputs = [object_id]
         out = self.bundle.video_tracker(inference_session=session, frame_idx=entry.frame_index)
+        self._forget_high_res(entry.frame_index)
         return self._tracker_frame(out)
 
     def remove_object(self, object_id: int) -> None:
@@ -191,28 +194,49 @@ class VideoSession:
     # ---- propagation ------------------------------------------------------------------------------------
 
     def propagate(
-        self, direction: Direction = "forward", start_frame: int | None = None, max_frames: int | None = None
+        self, direction: Direction = "forward", start_frame: int | None = None, max_frames: int | None = None,
+        *, one_pass: bool = False,
     ) -> Iterator[FrameResult]:
-        """Yield every frame's objects as soon as the model produces them."""
+        """Yield every frame's objects as soon as the model produces them.
+
+        one_pass=True: this propagation is the last use of the tracking state (a render; reset afterwards), so each
+        frame's per-object outputs are dropped once the model can no longer read them (`memory_window` frames
+        later): the results are the same, the state stops growing with the frames.
+        """
         if self.mode is None:
             raise BadRequest("add a prompt before propagating")
         start = self.check_frame(start_frame if start_frame is not None else self._default_start())
         if max_frames is not None and max_frames < 1:
             raise InvalidPrompt("max_frames must be at least 1")
+        if one_pass and direction != "forward":
+            raise BadRequest("a one-pass propagation runs forward only")
         seen: set[int] = set()
         passes = {"forward": [False], "backward": [True], "both": [False, True]}[direction]
         for reverse in passes:
-            for result in self._propagate_once(start, max_frames, reverse):
+            for result in self._propagate_once(start, max_frames, reverse, one_pass):
                 if result.frame_index not in seen:
                     seen.add(result.frame_index)
                     yield result
+
+    @property
+    def _tracker_config(self):
+        """The config of the tracker that runs this session's propagation (text: the video model's own)."""
+        return (self.bundle.video.tracker_model if self.mode == "text" else self.bundle.video_tracker).config
+
+    @property
+    def memory_window(self) -> int:
+        """How many frames back a forward step reads other frames' outputs: memories and object pointers."""
+        config = self._tracker_config
+        return max(int(config.num_maskmem), int(config.max_object_pointers_in_encoder))
 
     def _default_start(self) -> int:
         if self.mode == "click":
             return min(e.frame_index for entries in self._clicks.values() for e in entries)
         return 0
 
-    def _propagate_once(self, start: int, max_frames: int | None, reverse: bool) -> Iterator[FrameResult]:
+    def _propagate_once(
+        self, start: int, max_frames: int | None, reverse: bool, one_pass: bool = False
+    ) -> Iterator[FrameResult]:
         with torch.inference_mode():
             if self.mode == "text":
                 if reverse and start == 0:
@@ -220,28 +244,66 @@ class VideoSession:
                 iterator = self.bundle.video.propagate_in_video_iterator(
                     self._hf, start_frame_idx=start, max_frame_num_to_track=max_frames, reverse=reverse
                 )
-                for out in iterator:
-                    yield self._text_frame(out)
+                frame = self._text_frame
             else:
                 iterator = self.bundle.video_tracker.propagate_in_video_iterator(
                     self._hf, start_frame_idx=start, max_frame_num_to_track=max_frames, reverse=reverse
                 )
-                for out in iterator:
-                    yield self._tracker_frame(out)
+                frame = self._tracker_frame
+            for out in iterator:
+                self._forget_high_res(out.frame_idx)
+                if one_pass:
+                    self._forget_behind(out.frame_idx)
+                yield frame(out)
+
+    def _forget_high_res(self, frame_idx: int) -> None:
+        """Drop the image-size mask logits transformers keeps in every object's output of a tracked frame.
+
+        They feed that frame's memory encoding and are never read again, yet they are the largest entry per
+        object and frame (image_size^2 float32 against 288^2 + 2 x 64 x 72^2 for the rest on facebook/sam3).
+        """
+        for per_object in self._hf.output_dict_per_obj.values():
+            for outputs in (per_object["cond_frame_outputs"], per_object["non_cond_frame_outputs"]):
+                stored = outputs.get(frame_idx)
+                if stored is not None:
+                    stored.pop("high_res_masks", None)
+
+    def _forget_behind(self, frame_idx: int) -> None:
+        """Drop what a forward pass that has reached `frame_idx` will never read again (exact for one pass).
+
+        A forward step at frame t reads, of each object: non-conditioning outputs of t-1 .. t-(num_maskmem-1)
+        (memories) and t-1 .. t-(max_object_pointers_in_encoder-1) (pointers); the memories of the
+        max_cond_frame_num conditioning frames closest to t (going forward: the latest ones) and of those inside the
+        memory window; the object pointer of every conditioning frame. The rest is dropped as t moves on.
+        """
+        config = self._tracker_config
+        gone = frame_idx - self.memory_window
+        latest_cond = int(config.max_cond_frame_num)
+        for per_object in self._hf.output_dict_per_obj.values():
+            if gone >= 0:
+                per_object["non_cond_frame_outputs"].pop(gone, None)
+            cond = per_object["cond_frame_outputs"]
+            if latest_cond < 0 or len(cond) <= latest_cond:
+                continue
+            kept = set(sorted(cond)[-latest_cond:])
+            for index, stored in cond.items():
+                if index not in kept and index < frame_idx - int(config.num_maskmem):
+                    for key in ("maskmem_features", "maskmem_pos_enc", "pred_masks"):
+                        stored.pop(key, None)
 
     # ---- outputs ----------------------------------------------------------------------------------------
 
     def _objects(self, ids: list[int], logits: torch.Tensor, scores: list[float]) -> list[dict]:
+        """Each object's mask at the video's size, RLE-encoded a chunk of objects at a time (never all at once)."""
         if not ids:
             return []
-        masks = pp.upsample_logits(logits.float(), (self.height, self.width))
-        boxes = pp.mask_boxes(masks).tolist()
-        rles = pp.rle_encode_many(masks.cpu().numpy())
-        areas = masks.flatten(1).sum(dim=1).tolist()
-        return [
-            {"object_id": int(i), "score": float(s), "box": b, "area": int(a), "rle": r}
-            for i, s, b, a, r in zip(ids, scores, boxes, areas, rles)
-        ]
+        objects = []
+        for rows, masks in pp.full_size_chunks(logits.float(), (self.height, self.width)):
+            rles, boxes, areas = pp.encode_masks(masks)
+            del masks
+            for i, s, b, a, r in zip(ids[rows], scores[rows], boxes, areas, rles):
+                objects.append({"object_id": int(i), "score": float(s), "box": list(b), "area": int(a), "rle": r})
+        return objects
 
     def _text_frame(self, out) -> FrameResult:
         hidden = set(out.suppressed_obj_ids or ()) | set(self._hf.hotstart_removed_obj_ids) | self._hf.removed_obj_ids
