@@ -27,6 +27,10 @@ class ImageCache:
         """`pixels` is [ObjectRef] (a list, so this replica passes it on unresolved); returns [embedding ref]."""
         return [await self.caches.encode(key, pixels[0], height, width)]
 
+    async def lookup_or_encode(self, key: tuple, pixels: list, height: int, width: int) -> list:
+        """One hop for a lookup and, on a miss, the encode: returns [embedding ref, was it cached]."""
+        return list(await self.caches.lookup_or_encode(key, pixels[0], height, width))
+
     async def pop_embedding(self, key: tuple) -> None:
         await self.caches.pop_embedding(key)
 

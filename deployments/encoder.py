@@ -1,4 +1,4 @@
-"""ImageEncoder deployment: the vision backbone, batched across requests with @serve.batch."""
+"""ImageEncoder deployment: decodes the images it is sent and runs the vision backbone, batched across requests."""
 
 from __future__ import annotations
 
@@ -11,34 +11,41 @@ from ray.util import metrics
 
 from serve_app.core.config import Config
 from serve_app.core.stats import BatchStats
+from serve_app.image.batching import Batcher
 from serve_app.image.engine import ImageEngine
+from serve_app.image.imageio import ImageLoader
 from serve_app.image.models import load_bundle
+from serve_app.image.service import EncoderInput
 
 
 @serve.deployment(name="ImageEncoder")
 class ImageEncoder:
     def __init__(self, config: Config) -> None:
         self.engine = ImageEngine(load_bundle(config))
-        self.encode_batch.set_max_batch_size(config.encoder_max_batch_size)
-        self.encode_batch.set_batch_wait_timeout_s(config.encoder_batch_wait_timeout_s)
+        self.loader = ImageLoader.from_config(config, None)  # decodes only: the ingress fetched the bytes
         self.stats = BatchStats()
         self._batch_hist = metrics.Histogram(
             "sam3_encoder_batch_size", description="Images per encoder batch.", boundaries=[1, 2, 4, 8, 16, 32, 64]
         )
         self._images = metrics.Counter("sam3_encoder_images", description="Images encoded.")
+        self.batcher = Batcher(
+            self.engine.encode, config.encoder_max_batch_size, config.encoder_batch_wait_timeout_s, self._record
+        )
 
-    async def encode(self, image: np.ndarray) -> torch.Tensor:
-        return await self.encode_batch(image)
+    async def encode(self, image: EncoderInput | np.ndarray) -> torch.Tensor:
+        """One image's embedding; encoded bytes are decoded here, in a thread, off the single ingress."""
+        if isinstance(image, np.ndarray):
+            return await self.batcher.submit(image)
+        pixels = image.pixels if image.pixels is not None else await asyncio.to_thread(image.decoded, self.loader)
+        return await self.batcher.submit(pixels, image.in_flight)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def encode_batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
-        self.stats.record(len(images))
-        self._batch_hist.observe(len(images))
-        self._images.inc(len(images))
-        return await asyncio.to_thread(self.engine.encode, images)
+    def _record(self, size: int) -> None:
+        self.stats.record(size)
+        self._batch_hist.observe(size)
+        self._images.inc(size)
 
     def get_stats(self) -> dict:
-        return self.stats.snapshot()
+        return {**self.stats.snapshot(), **self.batcher.stats()}
 
     def info(self) -> dict:
         bundle = self.engine.bundle

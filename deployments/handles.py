@@ -37,9 +37,9 @@ def shared_media(config: Config) -> MediaStore:
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """The Sam3Error a remote call raised, if that is what it was."""
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, Sam3Error):
-        return exc.cause
+    """The Sam3Error a remote call raised, if that is what it was (through any number of hops)."""
+    while isinstance(exc, RayTaskError) and isinstance(exc.cause, Sam3Error):
+        exc = exc.cause
     return exc
 
 
@@ -73,8 +73,8 @@ async def await_call(awaitable, timeout_s: float, on_timeout=()):
         for pending in on_timeout:
             pending.cancel()
         raise GatewayTimeout(f"the model did not answer within {timeout_s:g} s (SAM3_REQUEST_TIMEOUT_S)") from None
-    except Sam3Error:
-        raise
+    except Sam3Error as exc:  # raised here, or by a replica (the encoder decoding a corrupt image) and wrapped
+        raise unwrap(exc) from None
     except (ObjectLostError, OwnerDiedError) as exc:
         raise EmbeddingLost(str(exc)) from None
     except BackPressureError:
@@ -164,6 +164,20 @@ class RayJobBackend:
         return MediaItem(data, content_type, owner, time.monotonic() + remaining_s)
 
 
+INLINE_BYTES = 100 * 1024  # Ray's own limit for passing an argument in the call itself rather than the object store
+
+
+def _boxed(image) -> list:
+    """[image] for the ImageCache to pass on: small encoded bytes inline, anything larger as an object-store reference
+    (in a list, so that the cache replica on the way passes the reference on unresolved)."""
+    import ray
+
+    data = getattr(image, "data", None)
+    if getattr(image, "pixels", None) is None and data is not None and len(data) <= INLINE_BYTES:
+        return [image]
+    return [ray.put(image)]
+
+
 class RayCaches:
     """The ingress' serve_app.image.caches.Caches: the ImageCache replica, with deadlines and Ray errors mapped."""
 
@@ -173,11 +187,14 @@ class RayCaches:
     async def get_embedding(self, key: tuple):
         return await await_call(self.cache.get_embedding.remote(key), self.timeout_s)
 
-    async def encode(self, key: tuple, pixels, height: int, width: int) -> object:
-        import ray
+    async def encode(self, key: tuple, image, height: int, width: int) -> object:
+        """`image`: an EncoderInput (or pixels); only the encoder replica reads a large one (see `_boxed`)."""
+        return (await await_call(self.cache.encode.remote(key, _boxed(image), height, width), self.timeout_s))[0]
 
-        boxed = [ray.put(pixels)]  # only the encoder replica resolves the pixels, not the cache on the way
-        return (await await_call(self.cache.encode.remote(key, boxed, height, width), self.timeout_s))[0]
+    async def lookup_or_encode(self, key: tuple, image, height: int, width: int) -> tuple[object, bool]:
+        embedding, hit = await await_call(
+            self.cache.lookup_or_encode.remote(key, _boxed(image), height, width), self.timeout_s)
+        return embedding, hit
 
     async def pop_embedding(self, key: tuple) -> None:
         await await_call(self.cache.pop_embedding.remote(key), self.timeout_s)

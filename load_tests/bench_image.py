@@ -1,11 +1,13 @@
 """Image benchmark: ImageEngine.segment in-process (the baseline) vs the Serve graph over HTTP, same run, same device.
 
     python load_tests/bench_image.py [--model tiny-random] [--requests N] [--concurrency 1,16]
-        [--image-size 480x640] [--prompts text|visual|mixed] [--device auto] [--max-batch 16]
-        [--batch-wait-ms 10] [--json out.json]
+        [--image-size 480x640,1080x1920] [--format jpeg|png] [--prompts text|visual|mixed] [--device auto]
+        [--max-batch 16] [--batch-wait-ms MS] [--json out.json]
 
-Prints requests, wall seconds, throughput, p50/p99 latency and throughput relative to the in-process baseline,
-plus the encoder's batch statistics (from GET /v1/stats) for each HTTP phase. Figures, not assertions.
+Per image size: the in-process loop at this process' torch thread count and at the Ray workers' (equal threads),
+then the HTTP graph at each concurrency. Prints throughput, p50/p99, both ratios, the encoder's batch histogram
+(GET /v1/stats), CPU milliseconds per request of every Serve process (proxy, each replica; /proc/<pid>/stat over
+the measured requests) and the mean of the responses' `timings_ms`. Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import argparse
 import base64
 import io
 import json
-import logging
 import os
 import sys
 import threading
@@ -24,9 +25,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from harness import (  # load_tests/ is on sys.path as a script
+    cpu_snapshot,
     fmt,
     free_port,
+    init_ray,
+    jpeg_b64,
     make_image,
+    serve_processes,
+    start_py_spy,
+    stop_py_spy,
     stop_serve,
     worker_torch_threads,
 )
@@ -35,38 +42,51 @@ from PIL import Image
 PHRASES = ("a cat", "the red car", "person", "a wooden chair")
 WARMUP = 4  # requests before each phase that are not counted (at least one per HTTP client)
 SHOWN_ERRORS = 5  # error messages printed per phase; every error is counted
+APP = "bench"
 
 
 @dataclass
 class Phase:
-    """One measured phase: its latencies (successes only), errors and the encoder's batches during it."""
+    """One measured phase: latencies (successes only), errors, encoder batches, CPU seconds per process, timings."""
 
     name: str
+    size: str
     concurrency: int
     requests: int
+    threads: int | None = None
     wall_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     batches: dict | None = None
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, list[float]] = field(default_factory=dict)
 
-    def summary(self, baseline_rps: float | None) -> dict:
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_ms) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self, baselines: dict[str, float]) -> dict:
         ok = len(self.latencies_ms)
-        rps = ok / self.wall_s if self.wall_s > 0 else 0.0
         lat = np.asarray(self.latencies_ms) if ok else None
         return {
-            "phase": self.name, "concurrency": self.concurrency, "requests": self.requests, "ok": ok,
-            "errors": len(self.errors), "wall_s": round(self.wall_s, 3), "throughput_rps": round(rps, 2),
+            "phase": self.name, "image": self.size, "concurrency": self.concurrency, "threads": self.threads,
+            "requests": self.requests, "ok": ok, "errors": len(self.errors), "wall_s": round(self.wall_s, 3),
+            "throughput_rps": round(self.rps, 2),
             "p50_ms": round(float(np.percentile(lat, 50)), 2) if ok else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 2) if ok else None,
-            "vs_in_process": round(rps / baseline_rps, 3) if baseline_rps else None,
+            **{f"vs_{k}": round(self.rps / v, 3) if v else None for k, v in baselines.items()},
             "encoder_batches": self.batches,
+            "cpu_ms_per_request": {k: round(v * 1000 / ok, 2) for k, v in self.cpu_s.items()} if ok else {},
+            "timings_ms_mean": {k: round(float(np.mean(v)), 2) for k, v in self.timings.items()},
         }
 
 
 # ---- workload --------------------------------------------------------------------------------------------
 
 
-def png_b64(image: np.ndarray) -> str:
+def encode_image(image: np.ndarray, fmt_name: str) -> str:
+    if fmt_name == "jpeg":
+        return jpeg_b64(image)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -95,13 +115,13 @@ def internal_prompt(wire: dict):
     return VisualPrompt(points=tuple(tuple(p) for p in wire["points"]), point_labels=(1,) * len(wire["points"]))
 
 
-def http_bodies(first_seed: int, count: int, args: argparse.Namespace) -> list[bytes]:
+def http_bodies(first_seed: int, count: int, size: tuple[int, int], args: argparse.Namespace) -> list[bytes]:
     """Pre-encoded JSON bodies, one distinct image each, built in parallel before the clock starts."""
-    height, width = args.height, args.width
+    height, width = size
 
     def body(i: int) -> bytes:
         seed = first_seed + i
-        payload = {"image": png_b64(make_image(seed, height, width)),
+        payload = {"image": encode_image(make_image(seed, height, width), args.format),
                    "prompts": [wire_prompt(args.prompts, seed, height, width)]}
         return json.dumps(payload).encode()
 
@@ -112,8 +132,8 @@ def http_bodies(first_seed: int, count: int, args: argparse.Namespace) -> list[b
 # ---- (a) in-process baseline ---------------------------------------------------------------------------
 
 
-def run_in_process(args: argparse.Namespace) -> tuple[Phase, dict]:
-    """ImageEngine.segment in a loop on distinct images; returns the phase and what ran where."""
+def run_in_process(args: argparse.Namespace, size: tuple[int, int], threads: list[int]) -> tuple[list[Phase], dict]:
+    """ImageEngine.segment in a loop on distinct decoded images, once per torch thread count."""
     import torch
 
     from serve_app.core.config import Config
@@ -123,39 +143,57 @@ def run_in_process(args: argparse.Namespace) -> tuple[Phase, dict]:
 
     engine = ImageEngine(load_bundle(Config(model=args.model, device=args.device)))
     info = {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
-            "model_input_side": engine.bundle.image_size, "torch_threads_in_process": torch.get_num_threads()}
-    params = SegmentParams()
-    wire = lambda i: wire_prompt(args.prompts, i, args.height, args.width)  # noqa: E731
+            "model_input_side": engine.bundle.image_size}
+    params, (height, width) = SegmentParams(), size
 
-    def one(image: np.ndarray, prompt) -> float:
-        start = time.perf_counter()
-        engine.segment(image, [prompt], params)
-        return (time.perf_counter() - start) * 1000
+    def wire(i: int) -> dict:
+        return wire_prompt(args.prompts, i, height, width)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # made before the clock starts
-        images = list(pool.map(lambda i: make_image(i, args.height, args.width), range(args.requests)))
-    for seed in range(WARMUP):
-        one(make_image(10_000_000 + seed, args.height, args.width), internal_prompt(wire(seed)))
-    phase = Phase("in-process", 1, args.requests)
-    start = time.perf_counter()
-    for i, image in enumerate(images):
-        try:
-            phase.latencies_ms.append(one(image, internal_prompt(wire(i))))
-        except Exception as exc:  # noqa: BLE001 - a failure is a figure, not the end of the run
-            phase.errors.append(f"{type(exc).__name__}: {exc}")
-    phase.wall_s = time.perf_counter() - start
+        images = list(pool.map(lambda i: make_image(i, height, width), range(args.requests)))
+    own, phases = torch.get_num_threads(), []
+    for n in threads:
+        torch.set_num_threads(n)
+        for seed in range(WARMUP):
+            engine.segment(make_image(10_000_000 + seed, height, width), [internal_prompt(wire(seed))], params)
+        phase = Phase("in-process", f"{height}x{width}", 1, args.requests, threads=n)
+        cpu, start = time.process_time(), time.perf_counter()
+        for i, image in enumerate(images):
+            began = time.perf_counter()
+            try:
+                engine.segment(image, [internal_prompt(wire(i))], params)
+                phase.latencies_ms.append((time.perf_counter() - began) * 1000)
+            except Exception as exc:  # noqa: BLE001 - a failure is a figure, not the end of the run
+                phase.errors.append(f"{type(exc).__name__}: {exc}")
+        phase.wall_s = time.perf_counter() - start
+        phase.cpu_s = {"in-process": time.process_time() - cpu}
+        phases.append(phase)
+        print(f"  in-process {height}x{width} threads={n}: {phase.rps:.1f} req/s", flush=True)
+    torch.set_num_threads(own)
     del engine, images
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return phase, info
+    return phases, info
 
 
 # ---- (b) the Serve graph over HTTP ---------------------------------------------------------------------
 
 
-def start_serve(args: argparse.Namespace, device: str) -> tuple[str, int | None]:
-    """Ray with every core, Serve's proxy on a free loopback port, build_app(Config) as the root app."""
-    import ray
+def start_ray(args: argparse.Namespace) -> int | None:
+    """Ray with every core; returns torch's thread count in a 0-CPU worker (what the replicas get)."""
+
+    # Ray starts its workers at nice 15; this process (the in-process baseline) runs at 0. On a shared machine that
+    # alone would hand the baseline most of the CPU, so both sides run at the same priority.
+    os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
+    for pair in args.env:  # e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0: every Ray process inherits it
+        key, _, value = pair.partition("=")
+        os.environ[key] = value
+    init_ray()
+    return worker_torch_threads()
+
+
+def start_serve(args: argparse.Namespace, device: str) -> str:
+    """Serve's proxy on a free loopback port, build_app(Config) as the root app."""
     from ray import serve
 
     from deployments.app import build_app
@@ -164,13 +202,13 @@ def start_serve(args: argparse.Namespace, device: str) -> tuple[str, int | None]
     gpu = args.gpu_fraction if device.startswith("cuda") else 0.0
     config = Config(
         model=args.model, device=args.device, num_cpus=0, encoder_num_gpus=gpu, decoder_num_gpus=gpu,
-        encoder_max_batch_size=args.max_batch, encoder_batch_wait_timeout_s=args.batch_wait_ms / 1000,
+        encoder_max_batch_size=args.max_batch,
+        **({} if args.batch_wait_ms is None else {"encoder_batch_wait_timeout_s": args.batch_wait_ms / 1000}),
     )
     port = free_port()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": config.request_timeout_s})
-    serve.run(build_app(config), name="bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}", worker_torch_threads()
+    serve.run(build_app(config), name=APP, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
 
 
 def encoder_stats(client, url: str) -> dict | None:
@@ -211,15 +249,18 @@ def fire(url: str, bodies: list[bytes], concurrency: int, phase: Phase | None) -
                     response = client.post(f"{url}/v1/image/segment", content=bodies[index])
                     error = None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text[:200]}"
                 except Exception as exc:  # noqa: BLE001 - counted, never fatal
-                    error = f"{type(exc).__name__}: {exc}"
+                    error, response = f"{type(exc).__name__}: {exc}", None
                 elapsed = (time.perf_counter() - start) * 1000
                 if phase is None:
                     continue
+                timings = response.json().get("timings_ms", {}) if error is None else {}
                 with lock:
                     if error:
                         phase.errors.append(error)
-                    else:
-                        phase.latencies_ms.append(elapsed)
+                        continue
+                    phase.latencies_ms.append(elapsed)
+                    for key, value in timings.items():
+                        phase.timings.setdefault(key, []).append(value)
 
     threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(concurrency)]
     start = time.perf_counter()
@@ -230,28 +271,27 @@ def fire(url: str, bodies: list[bytes], concurrency: int, phase: Phase | None) -
     return time.perf_counter() - start
 
 
-def run_http(args: argparse.Namespace, info: dict) -> list[Phase]:
+def run_http(args: argparse.Namespace, url: str, size: tuple[int, int], seed_base: int) -> list[Phase]:
     """Each concurrency level in turn: warm-up (not counted), then N requests on images never sent before."""
     import httpx
 
-    phases = [Phase("http", c, args.requests) for c in args.concurrency]
-    try:
-        url, info["torch_threads_in_ray_workers"] = start_serve(args, info["device"])
-    except Exception as exc:  # noqa: BLE001
-        for phase in phases:
-            phase.errors.append(f"Serve did not start: {type(exc).__name__}: {exc}")
-        return phases
+    label = f"{size[0]}x{size[1]}"
+    phases = [Phase("http", label, c, args.requests) for c in args.concurrency]
+    pids = serve_processes(APP)
     with httpx.Client() as stats_client:
         for k, phase in enumerate(phases):
-            base = 1_000_000 * (k + 1)
-            warm = http_bodies(20_000_000 + base, max(WARMUP, phase.concurrency), args)
-            fire(url, warm, phase.concurrency, None)
-            bodies = http_bodies(base, args.requests, args)
-            before = encoder_stats(stats_client, url)
+            base = seed_base + 1_000_000 * (k + 1)
+            fire(url, http_bodies(20_000_000 + base, max(WARMUP, phase.concurrency), size, args), phase.concurrency, None)
+            bodies = http_bodies(base, args.requests, size, args)
+            spies = start_py_spy(pids, args.py_spy, f"{label}-c{phase.concurrency}") if args.py_spy else []
+            if spies:
+                time.sleep(2.0)  # py-spy attaches
+            before, cpu_before = encoder_stats(stats_client, url), cpu_snapshot(pids)
             phase.wall_s = fire(url, bodies, phase.concurrency, phase)
-            phase.batches = batch_delta(before, encoder_stats(stats_client, url))
-            print(f"  http c={phase.concurrency}: {len(phase.latencies_ms)} ok, {len(phase.errors)} errors "
-                  f"in {phase.wall_s:.1f} s", flush=True)
+            cpu_after, phase.batches = cpu_snapshot(pids), batch_delta(before, encoder_stats(stats_client, url))
+            stop_py_spy(spies)
+            phase.cpu_s = {role: cpu_after[role] - cpu_before[role] for role in cpu_after if role in cpu_before}
+            print(f"  http {label} c={phase.concurrency}: {phase.rps:.1f} req/s, {len(phase.errors)} errors", flush=True)
     return phases
 
 
@@ -260,23 +300,38 @@ def run_http(args: argparse.Namespace, info: dict) -> list[Phase]:
 
 def print_table(rows: list[dict], header: dict) -> None:
     print("\n" + "  ".join(f"{k}={v}" for k, v in header.items()))
-    columns = f"{'phase':<11}{'conc':>5}{'reqs':>6}{'ok':>6}{'errs':>6}{'wall_s':>8}{'req/s':>9}" \
-              f"{'p50_ms':>9}{'p99_ms':>9}{'vs_inproc':>10}{'mean_batch':>11}  batch_hist"
+    columns = f"{'phase':<11}{'image':>10}{'thr':>4}{'conc':>5}{'ok':>5}{'errs':>5}{'req/s':>8}{'p50_ms':>8}" \
+              f"{'p99_ms':>8}{'vs_own':>8}{'vs_eq':>7}{'batch':>7}  batch_hist"
     print(columns)
     print("-" * len(columns))
     for r in rows:
         b = r["encoder_batches"]
         hist = " ".join(f"{k}:{v}" for k, v in b["histogram"].items()) if b else "-"
-        ratio = fmt(r["vs_in_process"], ".2f") + ("x" if r["vs_in_process"] is not None else "")
-        print(f"{r['phase']:<11}{r['concurrency']:>5}{r['requests']:>6}{r['ok']:>6}{r['errors']:>6}"
-              f"{r['wall_s']:>8.2f}{r['throughput_rps']:>9.2f}{fmt(r['p50_ms'], '.1f'):>9}"
-              f"{fmt(r['p99_ms'], '.1f'):>9}{ratio:>10}{fmt(b and b['mean_batch_size'], '.2f'):>11}  {hist}")
+        ratios = [fmt(r[k], ".2f") + ("x" if r[k] is not None else "") for k in ("vs_own_threads", "vs_equal_threads")]
+        print(f"{r['phase']:<11}{r['image']:>10}{fmt(r['threads']):>4}{r['concurrency']:>5}{r['ok']:>5}{r['errors']:>5}"
+              f"{r['throughput_rps']:>8.2f}{fmt(r['p50_ms'], '.1f'):>8}{fmt(r['p99_ms'], '.1f'):>8}"
+              f"{ratios[0]:>8}{ratios[1]:>7}{fmt(b and b['mean_batch_size'], '.2f'):>7}  {hist}")
+    roles = sorted({k for r in rows for k in r["cpu_ms_per_request"] if k != "in-process"})
+    print("\nCPU ms per request (process CPU over the measured requests / requests)")
+    print(f"{'phase':<11}{'image':>10}{'conc':>5}" + "".join(f"{role:>14}" for role in [*roles, "total"]))
+    for r in rows:
+        cpu = r["cpu_ms_per_request"]
+        cells = [fmt(cpu.get(role), ".1f") for role in roles] + [fmt(sum(cpu.values()) if cpu else None, ".1f")]
+        print(f"{r['phase']:<11}{r['image']:>10}{r['concurrency']:>5}" + "".join(f"{c:>14}" for c in cells))
+    keys = sorted({k for r in rows for k in r["timings_ms_mean"]})
+    if keys:
+        print("\nmean timings_ms of the responses")
+        print(f"{'image':>10}{'conc':>5}" + "".join(f"{k:>16}" for k in keys))
+        for r in rows:
+            if r["timings_ms_mean"]:
+                print(f"{r['image']:>10}{r['concurrency']:>5}"
+                      + "".join(f"{fmt(r['timings_ms_mean'].get(k), '.2f'):>16}" for k in keys))
 
 
 def print_errors(phases: list[Phase]) -> None:
     for phase in phases:
         if phase.errors:
-            print(f"\n{phase.name} c={phase.concurrency}: {len(phase.errors)} errors, first {SHOWN_ERRORS}:")
+            print(f"\n{phase.name} {phase.size} c={phase.concurrency}: {len(phase.errors)} errors, first {SHOWN_ERRORS}:")
             for message in phase.errors[:SHOWN_ERRORS]:
                 print(f"  {message}")
 
@@ -286,36 +341,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny-random", help="SAM3_MODEL: tiny-random, a hub id or a directory")
     p.add_argument("--requests", type=int, default=200, help="measured requests per phase")
     p.add_argument("--concurrency", default="1,16", help="comma-separated HTTP client counts")
-    p.add_argument("--image-size", default="480x640", help="HEIGHTxWIDTH of the generated images")
+    p.add_argument("--image-size", default="480x640,1080x1920", help="comma-separated HEIGHTxWIDTH of the images")
+    p.add_argument("--format", choices=("jpeg", "png"), default="jpeg", help="how the images travel (base64)")
     p.add_argument("--prompts", choices=("text", "visual", "mixed"), default="text")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--max-batch", type=int, default=16, help="encoder @serve.batch max_batch_size")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="encoder @serve.batch wait timeout")
+    p.add_argument("--max-batch", type=int, default=16, help="SAM3_ENCODER_MAX_BATCH_SIZE")
+    p.add_argument("--batch-wait-ms", type=float, default=None,
+                   help="SAM3_ENCODER_BATCH_WAIT_TIMEOUT_S in ms (default: the configuration's)")
     p.add_argument("--gpu-fraction", type=float, default=0.5, help="GPU per encoder / decoder replica on CUDA")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for every Ray process (Ray/Serve tuning flags); repeatable")
+    p.add_argument("--py-spy", default=None, metavar="DIR",
+                   help="record every Serve process with py-spy during each HTTP phase (raw stacks into DIR)")
     args = p.parse_args(argv)
-    args.height, args.width = (int(v) for v in args.image_size.lower().split("x"))
+    args.sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.image_size.split(",") if s.strip()]
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     args = parse_args(argv)
-    started = time.perf_counter()
-    print(f"in-process: {args.requests} requests ...", flush=True)
-    baseline, info = run_in_process(args)
-    print(f"  in-process: {len(baseline.latencies_ms)} ok in {baseline.wall_s:.1f} s", flush=True)
-    print(f"http: starting Ray Serve, then {args.requests} requests at concurrency {args.concurrency} ...", flush=True)
+    started, load = time.perf_counter(), os.getloadavg()
+    own_threads = torch.get_num_threads()
     try:
-        phases = run_http(args, info)
+        worker_threads = start_ray(args)
+        info = {"torch_threads_in_process": own_threads, "torch_threads_in_ray_workers": worker_threads}
+        baselines: dict[tuple, list[Phase]] = {}
+        for size in args.sizes:
+            threads = list(dict.fromkeys([own_threads, worker_threads or own_threads]))
+            print(f"in-process {size[0]}x{size[1]}: {args.requests} requests at torch threads {threads} ...", flush=True)
+            baselines[size], more = run_in_process(args, size, threads)
+            info.update(more)
+        print(f"http: starting Ray Serve, then {args.requests} requests at concurrency {args.concurrency} ...", flush=True)
+        url = start_serve(args, info["device"])
+        http = {size: run_http(args, url, size, 100_000_000 * k) for k, size in enumerate(args.sizes)}
     finally:
         stop_serve()
-    base_rps = len(baseline.latencies_ms) / baseline.wall_s if baseline.wall_s > 0 else None
-    rows = [p.summary(base_rps) for p in (baseline, *phases)]
-    header = {"model": args.model, **info, "image": args.image_size, "prompts": args.prompts,
-              "cpu_cores": os.cpu_count(), "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
+    rows, everything = [], []
+    for size in args.sizes:
+        by_threads = {p.threads: p.rps for p in baselines[size]}
+        ratios = {"own_threads": by_threads.get(own_threads),
+                  "equal_threads": by_threads.get(worker_threads or own_threads)}
+        for phase in (*baselines[size], *http[size]):
+            rows.append(phase.summary(ratios))
+            everything.append(phase)
+    header = {"model": args.model, **info, "format": args.format, "prompts": args.prompts,
+              "cpu_cores": os.cpu_count(), "nice": os.environ.get("RAY_worker_niceness"), **dict(e.partition("=")[::2] for e in args.env),
+              "max_batch": args.max_batch,
+              "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else "config",
+              "load_avg_at_start": round(load[0], 2), "load_avg_at_end": round(os.getloadavg()[0], 2),
               "total_s": round(time.perf_counter() - started, 1)}
-    print_errors([baseline, *phases])
+    print_errors(everything)
     print_table(rows, header)
     if args.json:
         with open(args.json, "w") as handle:

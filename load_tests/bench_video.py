@@ -73,8 +73,8 @@ class Phase:
         frames = sum(r.frames for r in self.runs)
         gaps = np.asarray([g for r in self.runs for g in r.gaps_ms])
         per_session = [r.frames / r.propagate_s for r in self.runs if r.frames and r.propagate_s]
-        mean = lambda xs, k=1.0: round(float(np.mean(xs)) * k, 3) if xs else None  # noqa: E731
-        pick = lambda name: [getattr(r, name) for r in self.runs if getattr(r, name) is not None]  # noqa: E731
+        mean = lambda xs, k=1.0: round(float(np.mean(xs)) * k, 3) if xs else None
+        pick = lambda name: [getattr(r, name) for r in self.runs if getattr(r, name) is not None]
         fps = self.fps()
         return {
             "phase": self.name, "concurrency": self.concurrency, "sessions": len(self.runs),

@@ -86,9 +86,10 @@ class Config(BaseModel):
     jobs_sse_ping_s: float = Field(15.0, gt=0, description="Seconds between `: ping` keep-alives on /api/events.")
 
     # Serve graph
-    encoder_max_batch_size: int = Field(8, ge=1, description="Most images per encoder forward (@serve.batch).")
+    encoder_max_batch_size: int = Field(8, ge=1, description="Most images per encoder forward.")
     encoder_batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="Longest the encoder waits for a batch to fill."
+        0.01, ge=0, description="Longest a batch waits for requests its senders have in flight (a request alone "
+        "never waits; requests that arrive while the encoder runs form the next batch without waiting).",
     )
     encoder_num_gpus: float = Field(0.0, ge=0, description="GPU fraction per encoder replica (0 on CPU).")
     decoder_num_gpus: float = Field(0.0, ge=0, description="GPU fraction per decoder replica (0 on CPU).")

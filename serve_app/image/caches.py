@@ -28,6 +28,8 @@ class Caches(Protocol):
 
     async def encode(self, key: tuple, pixels: np.ndarray, height: int, width: int) -> object: ...
 
+    async def lookup_or_encode(self, key: tuple, pixels: object, height: int, width: int) -> tuple[object, bool]: ...
+
     async def pop_embedding(self, key: tuple) -> None: ...
 
     async def prior_logits(self, key: tuple, points: tuple, box: tuple | None) -> np.ndarray | None: ...
@@ -56,6 +58,13 @@ class LocalCaches:
         entry = CachedEmbedding(embedding, int(height), int(width))
         self.embeddings.put(key, entry, await self.encoder.embedding_bytes())
         return embedding
+
+    async def lookup_or_encode(self, key: tuple, pixels: object, height: int, width: int) -> tuple[object, bool]:
+        """The cached embedding and True, or `encode`'s and False: one call (one hop under Serve) for both."""
+        hit = self.embeddings.get(key)
+        if hit is not None:
+            return hit.embedding, True
+        return await self.encode(key, pixels, height, width), False
 
     async def pop_embedding(self, key: tuple) -> None:
         self.embeddings.pop(key)

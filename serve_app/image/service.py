@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -24,10 +25,36 @@ class EmbeddingLost(Exception):
     """The embedding a cache entry pointed at is gone (its replica or node died)."""
 
 
+@dataclass(frozen=True)
+class EncoderInput:
+    """What the encoder is sent for one image: the pixels, or the encoded bytes whose header this side checked.
+
+    Sending the bytes moves the decode off the ingress onto the encoder replica (and a JPEG is a tenth of its
+    pixels through the object store). `in_flight` is how many requests the sender has in flight, this one
+    included: the encoder waits for that many to batch them, so a request alone never waits.
+    """
+
+    data: bytes | None
+    pixels: np.ndarray | None
+    height: int
+    width: int
+    in_flight: int = 1
+
+    def decoded(self, loader: ImageLoader) -> np.ndarray:
+        """The pixels, decoding the bytes when they are what was sent."""
+        if self.pixels is not None:
+            return self.pixels
+        pixels = loader.decode(self.data)
+        if pixels.shape[:2] != (self.height, self.width):  # the sender read the size from the header
+            raise InvalidImage(f"image decodes to {pixels.shape[1]}x{pixels.shape[0]}, its header says "
+                               f"{self.width}x{self.height}")
+        return pixels
+
+
 class Graph(Protocol):
     """Encoder and decoder; in Serve the embedding is an ObjectRef that never passes through the ingress."""
 
-    async def encode(self, image: np.ndarray) -> object: ...
+    async def encode(self, image: np.ndarray | EncoderInput) -> object: ...
 
     async def decode(
         self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
@@ -48,6 +75,7 @@ class SegmentService:
         self.loader = ImageLoader.from_config(config, UrlFetcher.from_config(config))
         self.auth = Authenticator(config.api_keys)
         self.caches = caches if caches is not None else LocalCaches(config, graph)  # Serve: the ImageCache replica
+        self.in_flight = 0  # segment requests in this replica: the encoder's batching hint (EncoderInput)
 
     async def load_pixels(self, source: str) -> tuple[np.ndarray, str]:
         """Decode an image (for rendering overlays); returns pixels and the digest of the encoded bytes."""
@@ -59,7 +87,11 @@ class SegmentService:
         return await self.encode(await self.load(image, tenant, need_pixels), tenant)
 
     async def load(self, image: ImageInput, tenant: str, need_pixels: bool = False) -> ResolvedImage:
-        """All that can be had without the encoder: a cached embedding, or the decoded pixels and their size."""
+        """All that can be had without the encoder: a cached embedding, or the image's size and bytes (or pixels).
+
+        Pixels are decoded here only when the caller needs them or the header cannot tell the size; otherwise the
+        encoder replica decodes the bytes (`EncoderInput`).
+        """
         if image.image_id is not None:
             check_text(image.image_id, "image_id")
         if image.image_id is not None and not need_pixels:
@@ -75,6 +107,9 @@ class SegmentService:
             raise InvalidImage("no image given: send the image (base64, data URI or URL) or a cached image_id")
         data = await self.loader.load_bytes(image.source)
         key = image.image_id or image_digest(data)
+        size = None if need_pixels else self.loader.probe(data)  # header only: microseconds, on the loop
+        if size is not None:  # the cache is asked when the encoder would be: one call (lookup_or_encode)
+            return _Encodable(key, size[0], size[1], None, data=data)
         hit = await self.caches.get_embedding((tenant, key))
         self.on_cache(hit is not None)
         pixels = await asyncio.to_thread(self.loader.decode, data) if hit is None or need_pixels else None
@@ -83,20 +118,36 @@ class SegmentService:
         return ResolvedImage(key, int(pixels.shape[0]), int(pixels.shape[1]), None, pixels)
 
     async def encode(self, resolved: ResolvedImage, tenant: str) -> ResolvedImage:
-        """Run the encoder for an image `load` did not find in the cache, and cache the embedding."""
-        if resolved.embedding is None:
-            resolved.embedding = await self.caches.encode(
-                (tenant, resolved.key), resolved.pixels, resolved.height, resolved.width
-            )
+        """The embedding of an image `load` left without one: from the cache, or encoded (and cached)."""
+        if resolved.embedding is not None:
+            return resolved
+        key, in_flight = (tenant, resolved.key), max(1, self.in_flight)
+        if isinstance(resolved, _Encodable):  # not looked up yet: the cache looks and encodes in one call
+            image = EncoderInput(resolved.data, None, resolved.height, resolved.width, in_flight)
+            resolved.embedding, resolved.cache_hit = await self.caches.lookup_or_encode(
+                key, image, resolved.height, resolved.width)
+            self.on_cache(resolved.cache_hit)
+        else:
+            image = EncoderInput(None, resolved.pixels, resolved.height, resolved.width, in_flight)
+            resolved.embedding = await self.caches.encode(key, image, resolved.height, resolved.width)
         return resolved
 
     async def segment(
         self, request: SegmentRequest, tenant: str, need_pixels: bool = False
     ) -> tuple[SegmentResult, ResolvedImage]:
+        self.in_flight += 1
+        try:
+            return await self._segment(request, tenant, need_pixels)
+        finally:
+            self.in_flight -= 1
+
+    async def _segment(self, request: SegmentRequest, tenant: str, need_pixels: bool) -> tuple[SegmentResult, ResolvedImage]:
         started = time.perf_counter()
         resolved = await self.load(request.image, tenant, need_pixels)
+        loaded = time.perf_counter()
         prompts = validate_prompts(request.prompts, resolved.size, self.config)  # before the encoder runs
         resolved = await self.encode(resolved, tenant)
+        encoded = time.perf_counter()
         try:
             result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size)
         except EmbeddingLost:
@@ -105,12 +156,23 @@ class SegmentService:
                 raise Gone(f"the cached embedding for image_id {resolved.key!r} was lost; send the image again") from None
             resolved = await self.resolve(request.image, tenant, need_pixels)
             result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size)
-        result.timings_ms["total_ms"] = (time.perf_counter() - started) * 1000
-        result.timings_ms["cache_hit"] = float(resolved.cache_hit)
+        finished = time.perf_counter()
+        result.timings_ms.update({
+            "load_ms": (loaded - started) * 1000, "encode_ms": (encoded - loaded) * 1000,
+            "decoder_call_ms": (finished - encoded) * 1000, "total_ms": (finished - started) * 1000,
+            "cache_hit": float(resolved.cache_hit),
+        })
         return result, resolved
 
     async def stats(self) -> dict:
         return await self.caches.stats()
+
+
+@dataclass
+class _Encodable(ResolvedImage):
+    """An image not yet encoded whose pixels were not decoded here: the encoder replica decodes `data`."""
+
+    data: bytes | None = None
 
 
 _slot: Slot[SegmentService] = Slot("the service is starting")
@@ -120,9 +182,10 @@ def set_service(value: SegmentService | None) -> None:
     _slot.set(value)
 
 
-def get_service() -> SegmentService:
+async def get_service() -> SegmentService:
     """FastAPI dependency: the ingress replica's service.
 
-    A plain function: Serve pickles it by reference; a bound method would carry a copy of the slot.
+    A plain function: Serve pickles it by reference; a bound method would carry a copy of the slot. `async`, so
+    FastAPI calls it on the event loop: a plain `def` dependency costs every request a hop to a worker thread.
     """
     return _slot.get()

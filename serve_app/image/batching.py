@@ -1,0 +1,115 @@
+"""Batching for the encoder: a request alone runs at once; requests that arrive together meet in one batch.
+
+Ray's `@serve.batch` closes a batch `batch_wait_timeout_s` after its first request arrives even while the previous
+batch still runs, so under load it queues batches of one or two behind the model. Here the next batch is formed
+when the model is free: everything that arrived meanwhile goes in it (up to `max_batch_size`). Each request also
+says how many requests its sender has in flight (`expected`); a batch waits for that many, at most `wait_s` after
+its first request arrived. A lone request (`expected` 1) never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class _Entry:
+    item: Any
+    expected: int
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Runs `run(items) -> results` (same length, same order) in a worker thread, one batch at a time."""
+
+    def __init__(
+        self, run: Callable[[list], list], max_batch_size: int, wait_s: float,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.run = run
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.wait_s = max(0.0, float(wait_s))
+        self.on_batch = on_batch or (lambda size: None)
+        self._queue: deque[_Entry] = deque()
+        self._arrival: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._lock = threading.Lock()
+        self._totals = {"batches": 0, "items": 0, "wait_s": 0.0, "run_s": 0.0}
+
+    async def submit(self, item: Any, expected: int = 1) -> Any:
+        """The result for `item`; `expected` is how many requests the caller has in flight, this one included."""
+        loop = asyncio.get_running_loop()
+        entry = _Entry(item, max(1, int(expected)), loop.create_future())
+        self._queue.append(entry)
+        if self._arrival is None:
+            self._arrival = asyncio.Event()
+        self._arrival.set()
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work())
+        return await entry.future
+
+    def stats(self) -> dict:
+        """Batches run, items, mean queue wait and mean model time per batch, in milliseconds."""
+        with self._lock:
+            t = dict(self._totals)
+        return {
+            "mean_queue_wait_ms": round(t["wait_s"] * 1000 / t["items"], 3) if t["items"] else 0.0,
+            "mean_batch_run_ms": round(t["run_s"] * 1000 / t["batches"], 3) if t["batches"] else 0.0,
+        }
+
+    async def _work(self) -> None:
+        while True:
+            self._drop_cancelled()
+            if not self._queue:
+                return  # the next submit starts a new worker
+            await self._fill()
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+            batch = [e for e in batch if not e.future.done()]
+            if batch:
+                await self._run(batch)
+
+    async def _fill(self) -> None:
+        """Wait, at most wait_s after the oldest queued request arrived, for as many as the senders expect."""
+        while True:
+            self._drop_cancelled()
+            target = min(self.max_batch_size, max((e.expected for e in self._queue), default=1))
+            remaining = self._queue[0].arrived + self.wait_s - time.perf_counter() if self._queue else 0.0
+            if not self._queue or len(self._queue) >= target or remaining <= 0:
+                return
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    async def _run(self, batch: list[_Entry]) -> None:
+        started = time.perf_counter()
+        self.on_batch(len(batch))
+        try:
+            results = await asyncio.to_thread(self.run, [e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} items")
+        except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+        else:
+            for entry, result in zip(batch, results):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        with self._lock:
+            self._totals["batches"] += 1
+            self._totals["items"] += len(batch)
+            self._totals["wait_s"] += sum(started - e.arrived for e in batch)
+            self._totals["run_s"] += time.perf_counter() - started
+
+    def _drop_cancelled(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
