@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test unit integration bench install clean system-deps
+.PHONY: serve test test-maxima unit integration bench install clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider --durations=40 tests
+
+# The documented maxima that take many minutes of CPU (16 prompts x 100 instances on 40 MP: ~9 min on 2 cores).
+test-maxima: $(STAMP)
+	SAM3_TEST_MAXIMA=1 $(PY) -m pytest -q -s -p no:cacheprovider -m maxima tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -1,18 +1,22 @@
-"""Suite-wide fixtures: skip `gpu` tests without CUDA; a real redis-server for the Redis state backend."""
+"""Suite-wide fixtures: skip `gpu` tests without CUDA and `maxima` tests unless asked; a real redis-server for the
+Redis state backend."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_maxima = pytest.mark.skip(reason="many minutes of CPU: make test-maxima (SAM3_TEST_MAXIMA=1) runs it")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "maxima" in item.keywords and os.environ.get("SAM3_TEST_MAXIMA") != "1":
+            item.add_marker(skip_maxima)
 
 
 def _free_port() -> int:

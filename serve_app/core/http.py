@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import Callable
@@ -277,7 +278,10 @@ class Gate:
             await self._run(path, scope, inner_receive, send, too_large, max_bytes)
         finally:
             if received > TRIM_AFTER_BYTES:
-                release_memory()  # a large body's buffers are free now: give them back to the OS
+                # A refused or failed request's body can sit in a reference cycle (exception -> traceback -> frame)
+                # until the collector's next full pass: free it now, then give the heap back to the OS.
+                gc.collect()
+                release_memory()
 
     async def _run(self, path, scope, receive, send, too_large, max_bytes) -> None:
         """Run the route; if its body read passed the limit, its answer (whatever it made of the error) is a 413."""

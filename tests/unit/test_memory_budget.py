@@ -478,7 +478,7 @@ def test_16_prompts_with_100_instances_each_fit_the_budget():
     assert report["instances"] == [config.max_instances] * config.max_prompts
 
 
-@pytest.mark.slow
+@pytest.mark.maxima  # 1,600 masks of 40 MP: 8.5 min on 2 cores; make test-maxima
 def test_16_prompts_with_100_instances_on_a_40_megapixel_image_fit_the_budget():
     """The documented maximum of one image request, whole: 1,600 masks of 40 MP (minutes on 2 CPU cores)."""
     config = Config()
