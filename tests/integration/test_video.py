@@ -281,7 +281,7 @@ def _alive(pid: int) -> bool:
     return open(f"/proc/{pid}/stat").read().split()[2] != "Z"  # a zombie has exited
 
 
-SESSIONS_OPENED = 12  # each starts an actor (~4 s on 2 cores, ~12 s under load); enough to show growth
+SESSIONS_OPENED = 8  # each starts an actor (~4 s on 2 cores, ~12 s under load); enough to show growth
 
 
 def test_many_sessions_return_memory(video_url, clip):

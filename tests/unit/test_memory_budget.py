@@ -273,7 +273,8 @@ class _Meter:
         except OSError:
             self.hwm_reset = False
         self.sampled = self.baseline
-        threading.Thread(target=self._sample, daemon=True).start()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
@@ -288,6 +289,7 @@ class _Meter:
 
     def stop(self) -> dict:
         self._stop.set()
+        self._thread.join()  # a daemon thread still running at exit can abort the interpreter's shutdown
         hwm = _status_kib("VmHWM") * 1024 if self.hwm_reset else 0
         peak = max(hwm, self.sampled)
         return {
@@ -450,17 +452,11 @@ def _run(name: str, timeout: float = 1800, **args) -> dict:
     return report
 
 
-def test_automatic_masks_at_points_per_side_64_fit_the_budget():
-    """12,288 candidates: filtering and NMS over all of them at once took +1.1 GiB here; streamed, it is the chunk."""
-    report = _run("automask", points_per_side=64)
-    assert report["instances"] >= 1 and report["candidates"] == 12_288
-
-
 @pytest.mark.slow
 def test_automatic_masks_at_points_per_side_128_fit_the_budget():
     """The documented maximum, 128 x 128 x 3 = 49,152 candidates (main: 19 GB; 256 grid forwards, minutes on CPU)."""
     report = _run("automask", points_per_side=MAX_POINTS_PER_SIDE)
-    assert report["instances"] >= 1 and report["candidates"] == 49_152
+    assert report["instances"] >= 1 and report["candidates"] == 49_152  # main: +1.1 GiB already at 64 (12,288)
 
 
 def test_one_prompt_with_100_instances_on_a_40_megapixel_image_fits_the_budget():
@@ -490,19 +486,13 @@ def test_16_prompts_with_100_instances_on_a_40_megapixel_image_fit_the_budget():
     assert report["instances"] == [config.max_instances] * config.max_prompts
 
 
-def test_oxen_render_of_a_video_renders_frame_by_frame():
-    """Frames x objects x pixels never pile up. Once the tracking window is full (16 frames) memory is flat: the
-    last quarter of 36 frames of 1080p peaks no higher than the third (main grew by (3 + objects) x 2 MP a frame:
-    every rendered frame and every frame's masks were kept to the end). Within the budget."""
-    report = _run("render", frames=36, height=1080, width=1920, max_objects=1)
-    assert report["frames_propagated"] == 36 and report["objects"] >= 1
-    third, last = report["peak_by_quarter_mib"][2:]
-    assert last <= third + 32, report
-
-
 @pytest.mark.slow
 def test_oxen_render_of_a_long_video_fits_the_budget():
-    """120 frames of 1080p, up to 4 objects: one frame's memory and the tracking window's, flat to the end."""
+    """120 frames of 1080p, up to 4 objects: one frame's memory and the tracking window's, flat to the end.
+
+    Frames x objects x pixels never pile up: once the tracking window is full (16 frames) the peak stays where it is
+    (main grew by (3 + objects) x 2 MP a frame: every rendered frame and every frame's masks were kept to the end;
+    +507 MiB at 36 frames with one object against +313 MiB now)."""
     report = _run("render", timeout=7200, frames=120, height=1080, width=1920, max_objects=4)
     assert report["frames_propagated"] == 120
     second, third, last = report["peak_by_quarter_mib"][1:]
