@@ -16,26 +16,20 @@ import gc
 import json
 import time
 
+from serve_app.core.stats import status_bytes
+
 MIB = 1024**2
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _measure(step):
     gc.collect()
-    base = _kib("VmRSS")
+    base = status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     started = time.perf_counter()
     out = step()
     seconds = time.perf_counter() - started
-    return out, {"extra_mib": round((_kib("VmHWM") - base) / 1024, 1), "seconds": round(seconds, 1)}
+    return out, {"extra_mib": round((status_bytes("VmHWM") - base) / MIB, 1), "seconds": round(seconds, 1)}
 
 
 def _zero_bundle(dtype):

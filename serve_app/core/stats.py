@@ -61,3 +61,12 @@ def rss_bytes() -> int:
     """This process' resident set size, in bytes (Linux /proc)."""
     with open(f"/proc/{os.getpid()}/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def status_bytes(field: str) -> int:
+    """One memory field of this process' /proc/self/status (VmRSS, VmHWM, RssAnon...), in bytes (Linux)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)

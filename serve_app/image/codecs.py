@@ -42,17 +42,33 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": rle["counts"].decode("utf-8")}
 
 
-def rle_encode_many(masks: np.ndarray) -> list[dict[str, Any]]:
-    """(N, H, W) masks -> one COCO compressed RLE per mask, in a single pycocotools call."""
+def coco_encode(masks: np.ndarray) -> list[dict[str, Any]]:
+    """(N, H, W) bool masks -> pycocotools' RLE objects (bytes counts), one call for all of them.
+
+    pycocotools reads column-major masks: one transposed uint8 copy of the stack (cv2's SIMD transpose, about 10x
+    numpy's strided copy on 40 MP).
+    """
     arr = np.asarray(masks)
     if arr.ndim != 3:
         raise ValueError(f"masks must be (N, H, W), got shape {arr.shape}")
-    if arr.shape[0] == 0:
+    arr = (arr if arr.dtype == np.bool_ else arr.astype(bool)).view(np.uint8)
+    count, height, width = (int(v) for v in arr.shape)
+    columns = np.empty((count, width, height), dtype=np.uint8)  # row-major (W, H) = column-major (H, W)
+    for i in range(count):
+        try:
+            cv2.transpose(arr[i], dst=columns[i])
+        except cv2.error:  # shapes OpenCV refuses: numpy's copy gives the same bytes, slower
+            columns[i] = arr[i].T
+    return mask_utils.encode(columns.transpose(2, 1, 0))  # (H, W, N), Fortran-ordered: no further copy
+
+
+def rle_encode_many(masks: np.ndarray) -> list[dict[str, Any]]:
+    """(N, H, W) masks -> one COCO compressed RLE per mask, in a single pycocotools call."""
+    arr = np.asarray(masks)
+    if arr.ndim == 3 and arr.shape[0] == 0:
         return []
-    flags = arr if arr.dtype == np.bool_ else arr.astype(bool)
-    stacked = np.asfortranarray(flags.view(np.uint8).transpose(1, 2, 0))  # one copy: column-major, as COCO counts
-    size = [int(arr.shape[1]), int(arr.shape[2])]
-    return [{"size": size, "counts": r["counts"].decode("utf-8")} for r in mask_utils.encode(stacked)]
+    size = [int(arr.shape[1]), int(arr.shape[2])] if arr.ndim == 3 else None
+    return [{"size": size, "counts": r["counts"].decode("utf-8")} for r in coco_encode(arr)]
 
 
 def _compressed_counts(s: bytes) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from pycocotools import mask as mask_utils
 
 from serve_app.core.errors import GatewayTimeout, PayloadTooLarge
 from serve_app.core.types import Instance
+from serve_app.image.codecs import coco_encode
 from serve_app.image.geometry import _box_iou_torch, nms_torch
 
 MASK_CHUNK_BYTES = 64 * 1024**2  # working memory of one chunk of full-size masks (at least one mask per chunk)
@@ -43,7 +43,6 @@ class ResultBudget:
             )
 
     def charge(self, instances: list[Instance]) -> None:
-        self.check_deadline()
         self.used += sum(len(i.rle["counts"]) for i in instances)
         if self.used > self.limit:
             raise PayloadTooLarge(
@@ -156,23 +155,12 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 def encode_masks(masks: torch.Tensor) -> tuple[list[dict], list[tuple[float, float, float, float]], list[int]]:
     """(k, H, W) bool masks -> COCO compressed RLE, tight xyxy box (pixel edges; zeros when empty) and area of each.
 
-    pycocotools reads column-major masks: one transposed uint8 copy of the chunk (cv2's SIMD transpose, about 10x
-    numpy's strided copy on 40 MP); boxes and areas come from the RLE runs, the integers `mask_boxes` and a pixel
-    count give.
+    Boxes and areas come from the RLE runs: the integers `mask_boxes` and a pixel count give.
     """
     if masks.shape[0] == 0:
         return [], [], []
-    arr = masks.cpu().numpy().view(np.uint8)
-    count, height, width = (int(v) for v in arr.shape)
-    columns = np.empty((count, width, height), dtype=np.uint8)  # row-major (W, H) = column-major (H, W)
-    for i in range(count):
-        try:
-            cv2.transpose(arr[i], dst=columns[i])
-        except cv2.error:  # shapes OpenCV refuses: numpy's copy gives the same bytes, slower
-            columns[i] = arr[i].T
-    del arr
-    encoded = mask_utils.encode(columns.transpose(2, 1, 0))  # (H, W, k), Fortran-ordered: no further copy
-    del columns
+    height, width = int(masks.shape[1]), int(masks.shape[2])
+    encoded = coco_encode(masks.cpu().numpy())
     areas = [int(a) for a in mask_utils.area(encoded)]
     boxes = [(float(x), float(y), float(x + w), float(y + h)) for x, y, w, h in mask_utils.toBbox(encoded).tolist()]
     rles = [{"size": [height, width], "counts": r["counts"].decode("utf-8")} for r in encoded]

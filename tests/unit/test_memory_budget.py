@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from serve_app.core.config import Config
+from serve_app.core.stats import status_bytes
 from serve_app.core.types import AutoPrompt, ConceptPrompt, SegmentParams
 from serve_app.image import postprocess as pp
 from serve_app.image.codecs import rle_encode_many
@@ -246,14 +247,6 @@ def test_one_pass_propagation_equals_the_kept_state_one():
 # ------------------------------------------------------------------------------------------------ budget
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 class _Meter:
     """Peak RSS of this process from `start()` on: VmHWM reset by clear_refs, and a sampler as a cross-check."""
 
@@ -265,7 +258,7 @@ class _Meter:
 
     def start(self) -> None:
         gc.collect()
-        self.baseline = _status_kib("VmRSS") * 1024
+        self.baseline = status_bytes("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -278,7 +271,7 @@ class _Meter:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            rss = _status_kib("VmRSS") * 1024
+            rss = status_bytes("VmRSS")
             self.sampled = max(self.sampled, rss)
             if self.progress is not None:
                 step = self.progress()
@@ -290,7 +283,7 @@ class _Meter:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()  # a daemon thread still running at exit can abort the interpreter's shutdown
-        hwm = _status_kib("VmHWM") * 1024 if self.hwm_reset else 0
+        hwm = status_bytes("VmHWM") if self.hwm_reset else 0
         peak = max(hwm, self.sampled)
         return {
             "baseline_mib": round(self.baseline / MIB, 1), "peak_mib": round(peak / MIB, 1),
