@@ -30,12 +30,17 @@ class Config(BaseModel):
 
     # Video limits (checked from the container header before decoding where it declares them)
     video_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest encoded video accepted.")
-    video_max_frames: int = Field(2000, ge=1, description="Most frames decoded from one video.")
+    video_max_frames: int = Field(10_000, ge=1, description="Most frames decoded from one video.")
     video_max_duration_s: float = Field(600.0, gt=0, description="Longest video accepted, in seconds.")
     video_max_frame_pixels: int = Field(4_000_000, ge=4, description="Largest video frame (width × height).")
     video_max_side: int = Field(4096, ge=2, description="Largest video frame width or height.")
     video_max_decoded_bytes: int = Field(
-        4 * 1024**3, ge=1024, description="Byte bound of all decoded RGB frames of one video (frames × H × W × 3)."
+        512 * 1024**2, ge=1024,
+        description="Decoded RGB frames (frames × H × W × 3) one session holds in memory; a longer video is re-read "
+        "from its container as it is tracked; a list of image frames over it is refused.",
+    )
+    video_frame_cache_bytes: int = Field(
+        256 * 1024**2, ge=1024, description="Decoded frames a video re-read from its container keeps cached."
     )
 
     # URL fetching

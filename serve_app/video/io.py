@@ -6,7 +6,8 @@ import contextlib
 import functools
 import io
 import math
-from collections.abc import Iterable, Sequence, Sized
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,8 @@ class VideoLimits:
     max_duration_s: float = 600.0
     max_pixels_per_frame: int = 4_000_000
     max_side: int = 4096
-    max_decoded_bytes: int = 4 * 1024**3
+    max_decoded_bytes: int = 512 * 1024**2  # frames held decoded; a longer video is re-read from its container
+    frame_cache_bytes: int = 256 * 1024**2  # decoded frames a re-read video keeps around the one last read
 
     @classmethod
     def from_config(cls, config: Config) -> VideoLimits:
@@ -54,14 +56,18 @@ class VideoLimits:
             max_pixels_per_frame=config.video_max_frame_pixels,
             max_side=config.video_max_side,
             max_decoded_bytes=config.video_max_decoded_bytes,
+            frame_cache_bytes=config.video_frame_cache_bytes,
         )
 
 
 @dataclass
 class Video:
-    """Decoded frames, each (H, W, 3) uint8 RGB on the CPU, all of one size, with their frame rate."""
+    """Frames, each (H, W, 3) uint8 RGB on the CPU when read, all of one size, with their frame rate.
 
-    frames: list[np.ndarray]
+    `frames` is a list (decoded, held in memory) or ContainerFrames (re-read from the container on demand, for a
+    video whose decoded frames would take more than VideoLimits.max_decoded_bytes)."""
+
+    frames: Sequence[np.ndarray]
     fps: float
     width: int
     height: int
@@ -109,7 +115,7 @@ def decode_video(data: bytes, limits: VideoLimits, *, max_frames: int | None = N
     try:
         stream = _video_stream(container)
         _check_header(container, stream, limits, cap)
-        return _decode_frames(container, stream, limits, cap)
+        return _decode_frames(container, stream, limits, cap, data)
     finally:
         container.close()
 
@@ -167,39 +173,160 @@ def _check_header(container: Any, stream: Any, limits: VideoLimits, cap: int) ->
     declared_frames = int(stream.frames or 0)
     if declared_frames > cap:
         raise _too_many_frames(f"{declared_frames} frames", cap)
-    if declared_frames and width and height:
-        _check_decoded_bytes(declared_frames, width, height, limits)
 
 
-def _decode_frames(container: Any, stream: Any, limits: VideoLimits, cap: int) -> Video:
+def _decode_frames(container: Any, stream: Any, limits: VideoLimits, cap: int, data: bytes) -> Video:
+    """Every frame is decoded once, to check it; its pixels are kept only while all of them fit max_decoded_bytes.
+
+    A longer video keeps the container bytes and each frame's timestamp instead (ContainerFrames), and frames are
+    decoded again when the model reads them: memory is the upload plus a small cache, whatever the length.
+    """
     fps = _fps(stream)
-    frames: list[np.ndarray] = []
+    held: list[np.ndarray] | None = []
+    stamps: list[int | None] = []
+    keys: list[bool] = []
     size: tuple[int, int] | None = None  # (width, height) every frame is brought to, before rotation
     turns, first_t, last_t = 0, None, None
+    declared = int(stream.frames or 0)
     try:
         for frame in container.decode(stream):
-            if len(frames) >= cap:
+            if len(stamps) >= cap:
                 raise _too_many_frames(f"more than {cap} frames", cap)
             _check_resolution(frame.width, frame.height, limits)
             if size is None:
                 size, turns = (frame.width, frame.height), _quarter_turns(frame)
+                if declared * size[0] * size[1] * 3 > limits.max_decoded_bytes:
+                    held = None  # the header already says the frames will not fit: do not convert any
             t = frame.time
             if t is not None:
                 first_t = t if first_t is None else first_t
                 last_t = t
-            elapsed = (last_t - first_t) if last_t is not None else len(frames) / fps
+            elapsed = (last_t - first_t) if last_t is not None else len(stamps) / fps
             if elapsed > limits.max_duration_s:
                 raise _too_long(elapsed, limits.max_duration_s)
-            _check_decoded_bytes(len(frames) + 1, size[0], size[1], limits)
-            frames.append(_frame_to_rgb(frame, size, turns))
+            stamps.append(frame.pts)
+            keys.append(bool(frame.key_frame))
+            if held is not None:
+                if (len(held) + 1) * size[0] * size[1] * 3 > limits.max_decoded_bytes:
+                    held = None  # over the budget: from here on, frames are re-read from the container
+                else:
+                    held.append(_frame_to_rgb(frame, size, turns))
     except _DECODE_ERRORS as exc:
-        raise InvalidVideo(f"video is truncated or corrupt after frame {len(frames)} ({_reason(exc)})") from None
-    if not frames:
+        raise InvalidVideo(f"video is truncated or corrupt after frame {len(stamps)} ({_reason(exc)})") from None
+    if not stamps:
         raise InvalidVideo("video has no decodable frames (empty, truncated or corrupt)")
-    covered = (last_t - first_t + 1.0 / fps) if last_t is not None else len(frames) / fps
-    _check_not_truncated(container, stream, len(frames), covered)
-    height, width = frames[0].shape[:2]
+    covered = (last_t - first_t + 1.0 / fps) if last_t is not None else len(stamps) / fps
+    _check_not_truncated(container, stream, len(stamps), covered)
+    width, height = size if turns % 2 == 0 else (size[1], size[0])
+    if held is not None:
+        return Video(frames=held, fps=fps, width=width, height=height)
+    frames = ContainerFrames(data, stream.index, stamps, keys, size, turns, limits.frame_cache_bytes)
     return Video(frames=frames, fps=fps, width=width, height=height)
+
+
+class ContainerFrames(Sequence):
+    """A video's frames read back from its container bytes when asked for, a bounded number kept decoded.
+
+    Reading in order (forward propagation, rendering) decodes each frame once. Any other read seeks to the last
+    keyframe at or before the frame (by the timestamps of the first decode) and decodes from there, keeping the
+    frames up to it in the cache, so reading backwards decodes each group of pictures about once per cache's worth
+    of frames. Frames are bit for bit those of the first decode (same decoder, same conversion). Not thread-safe:
+    one session actor reads it.
+    """
+
+    def __init__(
+        self, data: bytes, stream_index: int, stamps: list[int | None], keys: list[bool], size: tuple[int, int],
+        turns: int, cache_bytes: int,
+    ) -> None:
+        self.data, self.stream_index, self.size, self.turns = data, stream_index, size, turns
+        self.stamps, self.keys = stamps, keys
+        self.seekable = all(p is not None for p in stamps) and len(set(stamps)) == len(stamps)
+        self.index_of = {p: i for i, p in enumerate(stamps)} if self.seekable else {}
+        self.capacity = max(2, cache_bytes // (size[0] * size[1] * 3))
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._container: Any = None
+        self._frames: Iterator[Any] | None = None
+        self._next: int | None = None  # index of the frame self._frames yields next, when known
+        self.decoded = 0  # frames decoded since the first decode (for tests and the benchmark)
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"frame {index} of a {len(self)}-frame video")
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        if self._frames is None or self._next is None or not 0 <= index - self._next < self.capacity:
+            self._restart(index)
+        frame = self._read_to(index)
+        if frame is None:  # the seek landed past it (unreliable keyframe flags or timestamps): from the start
+            self._restart(index, from_start=True)
+            frame = self._read_to(index)
+        if frame is None:
+            raise InvalidVideo(f"frame {index} could not be decoded again")
+        return frame
+
+    def _restart(self, index: int, *, from_start: bool = False) -> None:
+        """Position the decoder before `index`: seek to its keyframe, or decode the container from the start."""
+        key = next((i for i in range(index, -1, -1) if self.keys[i]), 0)
+        if from_start or not self.seekable or key == 0:
+            if self._container is not None:
+                self._container.close()
+            self._container = _open(self.data)
+            self._next = 0 if not self.seekable else None
+        else:
+            self._container.seek(self.stamps[key], stream=self._stream(), backward=True, any_frame=False)
+            self._next = None  # known from the first frame's timestamp
+        self._frames = iter(self._container.decode(self._stream()))
+
+    def _stream(self) -> Any:
+        stream = self._container.streams[self.stream_index]
+        if not stream.codec_context.is_open:
+            stream.thread_type = "AUTO"
+        return stream
+
+    def _read_to(self, index: int) -> np.ndarray | None:
+        assert self._frames is not None
+        keep_from = index - self.capacity + 1
+        try:
+            for frame in self._frames:
+                current = self.index_of.get(frame.pts) if self.seekable else self._next
+                if current is None:
+                    continue  # before the first timestamp the first decode saw: not a frame of ours
+                self.decoded += 1
+                self._next = current + 1
+                if current > index:
+                    return None
+                if current >= keep_from:
+                    self._cache[current] = _frame_to_rgb(frame, self.size, self.turns)
+                    self._cache.move_to_end(current)
+                    while len(self._cache) > self.capacity:
+                        self._cache.popitem(last=False)
+                if current == index:
+                    return self._cache[index]
+        except _DECODE_ERRORS as exc:
+            raise InvalidVideo(f"frame {index} could not be decoded again ({_reason(exc)})") from None
+        self._frames = None
+        return None
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._frames = None
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_cache=OrderedDict(), _container=None, _frames=None, _next=None)
+        return state
 
 
 def _frame_to_rgb(frame: Any, size: tuple[int, int], turns: int) -> np.ndarray:

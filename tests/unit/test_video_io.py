@@ -150,14 +150,29 @@ def test_duration_is_also_checked_from_frame_timestamps(mp4, converted, monkeypa
     assert len(converted) == 10  # frame 10 starts at 1.0 s: refused before conversion
 
 
-def test_decoded_size_is_bounded(mp4, webm, converted):
-    limits = VideoLimits(max_decoded_bytes=5 * H * W * 3)
+def test_a_video_over_the_decoded_budget_is_re_read_from_its_container(mp4, webm, converted):
+    """Over SAM3_VIDEO_MAX_DECODED_BYTES a video is served from its container bytes, not refused, not held whole."""
+    held = decode_video(mp4, VideoLimits())
+    assert isinstance(held.frames, list) and len(converted) == N
+    converted.clear()
+    limits = VideoLimits(max_decoded_bytes=5 * H * W * 3, frame_cache_bytes=4 * H * W * 3)
+    lazy = decode_video(mp4, limits)
+    assert isinstance(lazy.frames, vio.ContainerFrames)
+    assert converted == []  # the header declares 20 frames: none converted while checking them
+    assert (lazy.num_frames, lazy.width, lazy.height, lazy.fps) == (N, held.width, held.height, held.fps)
+    order = [*range(N), *range(N - 1, -1, -1), 7, 3, 19, 0]  # forward, backward, jumps
+    assert all(np.array_equal(lazy.frames[i], held.frames[i]) for i in order)
+    assert len(lazy.frames._cache) <= 4
+    converted.clear()
+    stream = decode_video(webm, limits)  # webm declares no frame count: 5 frames converted, then not any more
+    assert isinstance(stream.frames, vio.ContainerFrames) and len(converted) == 5
+    assert np.array_equal(stream.frames[N - 1], decode_video(webm, VideoLimits()).frames[N - 1])
+
+
+def test_image_frames_over_the_decoded_budget_are_refused():
+    images = [np.zeros((H, W, 3), np.uint8)] * 6
     with pytest.raises(PayloadTooLarge, match="SAM3_VIDEO_MAX_DECODED_BYTES"):
-        decode_video(mp4, limits)  # declared frame count: refused from the header
-    assert converted == []
-    with pytest.raises(PayloadTooLarge, match="SAM3_VIDEO_MAX_DECODED_BYTES"):
-        decode_video(webm, limits)
-    assert len(converted) == 5
+        frames_from_images(images, limits=VideoLimits(max_decoded_bytes=5 * H * W * 3))
 
 
 def test_limits_from_config():
