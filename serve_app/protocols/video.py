@@ -229,7 +229,8 @@ def _line(event: str, payload: dict, sse: bool) -> str:
 
 def _render(frame: dict) -> dict:
     objects = [
-        {"object_id": o["object_id"], "score": o["score"], "box": o["box"], "area": o["area"], "mask": o["rle"]}
+        {"object_id": o["object_id"], "score": o["score"], "box": o["box"], "area": o["area"], "mask": o["rle"],
+         **({"text": o["text"]} if "text" in o else {})}  # text prompts: the prompt that found the object
         for o in frame.get("objects", [])
     ]
     return {**{k: v for k, v in frame.items() if k != "objects"}, "objects": objects}

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import gc
-from collections import OrderedDict
+import logging
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -19,14 +20,20 @@ from serve_app.image.geometry import validate_box_xyxy, validate_point
 
 Direction = Literal["forward", "backward", "both"]
 FRAME_CACHE = 4  # preprocessed frames kept; the rest stay as uint8 on the CPU
+PASS_EDGES = 8  # where the latest propagations started and stopped: their memory windows are kept (exact restarts)
 
 
 @dataclass
 class FrameResult:
-    """Every tracked object on one frame: COCO RLE at the video's size, xyxy box, score."""
+    """Every tracked object on one frame: COCO RLE at the video's size, xyxy box, score.
+
+    dropped_objects: new detections of a text prompt on this frame that were not tracked because the session
+    already tracks max_objects (SAM3_VIDEO_MAX_OBJECTS); the highest-scoring ones are kept. Always 0 for clicks.
+    """
 
     frame_index: int
     objects: list[dict] = field(default_factory=list)
+    dropped_objects: int = 0
 
 
 class LazyFrames:
@@ -62,7 +69,9 @@ class _Clicks:
 class VideoSession:
     """Holds the frames and at most one HF inference session; a session tracks text concepts or clicked objects."""
 
-    def __init__(self, engine: ImageEngine, frames: list[np.ndarray], fps: float, max_objects: int = 32) -> None:
+    def __init__(
+        self, engine: ImageEngine, frames: list[np.ndarray], fps: float, max_objects: int = 32, *, prune: bool = True
+    ) -> None:
         if not frames:
             raise BadRequest("the video has no frames")
         self.engine, self.bundle = engine, engine.bundle
@@ -72,6 +81,8 @@ class VideoSession:
         self.texts: list[str] = []
         self._clicks: dict[int, list[_Clicks]] = {}
         self._hf = None
+        self._edges: deque[int] = deque(maxlen=PASS_EDGES)  # frames where recent propagations started or stopped
+        self.prune = prune  # False keeps every frame's tracker outputs (transformers' own behaviour: the reference)
 
     @property
     def num_frames(self) -> int:
@@ -87,6 +98,9 @@ class VideoSession:
             inference_state_device=self.engine.device, video_storage_device="cpu", dtype=self.engine.dtype,
         )
         session.processed_frames = LazyFrames(self.frames, self.engine)
+        if kind == "text":
+            _count_dropped_detections(self.bundle.video)
+            session.sam3_dropped = {}  # frame index -> detections dropped at the object cap, until reported
         return session
 
     def _enter(self, mode: Literal["text", "click"]) -> None:
@@ -184,10 +198,14 @@ class VideoSession:
     def reset(self) -> None:
         """Forget every prompt and result; the frames stay."""
         self.mode, self._hf, self.texts, self._clicks = None, None, [], {}
+        self._edges.clear()
         _free()
 
     def close(self) -> None:
         self.reset()
+        closing = getattr(self.frames, "close", None)  # frames re-read from a container hold it open
+        if closing is not None:
+            closing()
         self.frames = []
         _free()
 
@@ -250,11 +268,21 @@ class VideoSession:
                     self._hf, start_frame_idx=start, max_frame_num_to_track=max_frames, reverse=reverse
                 )
                 frame = self._tracker_frame
-            for out in iterator:
-                self._forget_high_res(out.frame_idx)
-                if one_pass:
-                    self._forget_behind(out.frame_idx)
-                yield frame(out)
+            self._edges.append(start)
+            last = start
+            try:
+                for out in iterator:
+                    last = out.frame_idx
+                    self._forget_high_res(out.frame_idx)
+                    if one_pass:
+                        self._forget_behind(out.frame_idx)
+                    elif self.prune:
+                        self._forget_outside_windows(out.frame_idx, reverse)
+                    yield frame(out)
+            finally:  # finished, or abandoned by its reader: a later pass may start where this one stopped
+                self._edges.append(last)
+                if self.prune and self._hf is not None:
+                    self._forget_outside_windows(last, reverse)
 
     def _forget_high_res(self, frame_idx: int) -> None:
         """Drop the image-size mask logits transformers keeps in every object's output of a tracked frame.
@@ -267,6 +295,28 @@ class VideoSession:
                 stored = outputs.get(frame_idx)
                 if stored is not None:
                     stored.pop("high_res_masks", None)
+
+    def _forget_outside_windows(self, frame_idx: int, reverse: bool) -> None:
+        """Bound an interactive session's tracker state: drop the non-conditioning outputs no later step reads.
+
+        A step at frame t reads, of each object, the conditioning frames (all kept) and the non-conditioning outputs
+        of the `memory_window` frames before t in its direction (t-1 .. t-16 forward, t+1 .. t+16 backward). The
+        outputs behind the frame now tracked by more than the window are dropped, except those within the window of
+        a frame where one of the latest PASS_EDGES propagations started or stopped (a pass that resumes there, a
+        backward pass after a forward one from the same frame, reads them) and, for clicked objects, of their
+        clicked frames. Propagations started there are exact; one started elsewhere reads what is held (docs).
+        """
+        window = self.memory_window
+        edges = set(self._edges)
+        edges.add(frame_idx)
+        for per_object in self._hf.output_dict_per_obj.values():
+            outputs = per_object["non_cond_frame_outputs"]
+            if len(outputs) <= window:
+                continue
+            anchors = edges | set(per_object["cond_frame_outputs"]) if self.mode == "click" else edges
+            for index in [i for i in outputs if (i > frame_idx + window if reverse else i < frame_idx - window)]:
+                if all(abs(index - a) > window for a in anchors):
+                    del outputs[index]
 
     def _forget_behind(self, frame_idx: int) -> None:
         """Drop what a forward pass that has reached `frame_idx` will never read again (exact for one pass).
@@ -306,18 +356,55 @@ class VideoSession:
         return objects
 
     def _text_frame(self, out) -> FrameResult:
+        dropped = self._hf.sam3_dropped
+        count = dropped.pop(out.frame_idx, 0)
+        for index in [i for i in dropped if abs(i - out.frame_idx) > self.memory_window]:
+            del dropped[index]  # planned but never yielded (a pass stopped early): not reported, not kept
         hidden = set(out.suppressed_obj_ids or ()) | set(self._hf.hotstart_removed_obj_ids) | self._hf.removed_obj_ids
         ids = [i for i in sorted(out.obj_id_to_mask) if i not in hidden]
         if not ids:
-            return FrameResult(out.frame_idx)
+            return FrameResult(out.frame_idx, dropped_objects=count)
         logits = torch.cat([out.obj_id_to_mask[i] for i in ids], dim=0)
         objects = self._objects(ids, logits, [float(out.obj_id_to_score[i]) for i in ids])
-        return FrameResult(out.frame_idx, [o for o in objects if o["area"] > 0])
+        prompts, of = self._hf.prompts, self._hf.obj_id_to_prompt_id
+        for o in objects:  # which of the session's text prompts found it (several are tracked together)
+            o["text"] = prompts.get(of.get(o["object_id"]))
+        return FrameResult(out.frame_idx, [o for o in objects if o["area"] > 0], dropped_objects=count)
 
     def _tracker_frame(self, out) -> FrameResult:
         ids = list(out.object_ids)
         scores = out.object_score_logits.float().sigmoid().flatten().tolist()
         return FrameResult(out.frame_idx, self._objects(ids, out.pred_masks[:, 0], scores))
+
+
+class _CapWarning(logging.Filter):
+    """transformers warns on every frame a text prompt finds more objects than the cap; we report it per frame."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("hitting self.max_num_objects")
+
+
+def _count_dropped_detections(model) -> None:
+    """Record, per frame, how many new detections Sam3VideoModel left untracked at max_num_objects.
+
+    transformers computes the number in its planning step (num_obj_dropped_due_to_limit) but does not return it: the
+    model's planning method is wrapped, once per model, to copy it into the inference session being tracked.
+    """
+    if getattr(model, "_sam3_counts_dropped", False):
+        return
+    planning = model.run_tracker_update_planning_phase
+
+    def counted(*args, **kwargs):
+        plan, metadata = planning(*args, **kwargs)
+        session, frame_idx = kwargs.get("inference_session"), kwargs.get("frame_idx")
+        dropped = getattr(session, "sam3_dropped", None)
+        if dropped is not None and frame_idx is not None:
+            dropped[int(frame_idx)] = int(plan.get("num_obj_dropped_due_to_limit", 0))
+        return plan, metadata
+
+    model.run_tracker_update_planning_phase = counted
+    model._sam3_counts_dropped = True
+    logging.getLogger(type(model).__module__).addFilter(_CapWarning())
 
 
 def _free() -> None:

@@ -67,18 +67,24 @@ def test_click_tracking_matches_sam3_tracker_video_model(engine, frames):
 
 
 @torch.inference_mode()
-def test_text_tracking_matches_sam3_video_model(engine, frames):
+@pytest.mark.parametrize("texts", [["bright square"], ["bright square", "circle", "dark shape"]], ids=["one", "three"])
+def test_text_tracking_matches_sam3_video_model(engine, frames, texts):
+    """One text prompt, and several tracked together in one session (each object names the prompt that found it)."""
     from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
     ours = VideoSession(engine, frames, 10.0)
-    ours.add_text("bright square")
-    got = _ours(ours)
+    for text in texts:
+        ours.add_text(text)
+    results = list(ours.propagate())
+    got = {r.frame_index: {o["object_id"]: rle_decode(o["rle"]) for o in r.objects} for r in results}
+    labels = {o["object_id"]: o["text"] for r in results for o in r.objects}
 
     model = engine.bundle.video
     hf = _hf_session(Sam3VideoInferenceSession, engine, frames)
-    prompt_id = hf.add_prompt("bright square")
-    ids, mask = engine.bundle.tokenizer(["bright square"])
-    hf.prompt_input_ids[prompt_id], hf.prompt_attention_masks[prompt_id] = ids, mask
+    for text in texts:
+        prompt_id = hf.add_prompt(text)
+        ids, mask = engine.bundle.tokenizer([text])
+        hf.prompt_input_ids[prompt_id], hf.prompt_attention_masks[prompt_id] = ids, mask
     expected = {}
     for out in model.propagate_in_video_iterator(hf):
         hidden = set(out.suppressed_obj_ids or ()) | set(hf.hotstart_removed_obj_ids)
@@ -91,3 +97,6 @@ def test_text_tracking_matches_sam3_video_model(engine, frames):
         for obj, mask in expected[frame].items():
             assert np.array_equal(got[frame][obj], mask), f"frame {frame} object {obj} differs"
     assert any(expected.values()), "the reference must find something"
+    assert labels == {obj: hf.prompts[hf.obj_id_to_prompt_id[obj]] for obj in labels}
+    if len(texts) > 1:
+        assert len(set(labels.values())) > 1, f"the prompts should find different objects: {labels}"
