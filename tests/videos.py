@@ -25,9 +25,13 @@ BACKGROUND = (16, 16, 24)
 
 def moving_frames(frames: int, height: int, width: int) -> list[np.ndarray]:
     """`frames` RGB uint8 frames: a white square sliding left to right, a cyan circle sliding top to bottom."""
+    return list(iter_moving_frames(frames, height, width))
+
+
+def iter_moving_frames(frames: int, height: int, width: int):
+    """moving_frames one at a time (a long 1080p clip would not fit in memory as a list)."""
     side = max(2, min(height, width) // 5)
     radius = max(2, min(height, width) // 8)
-    out = []
     for i in range(frames):
         t = i / max(1, frames - 1)
         img = np.empty((height, width, 3), dtype=np.uint8)
@@ -37,8 +41,24 @@ def moving_frames(frames: int, height: int, width: int) -> list[np.ndarray]:
         img[max(0, y0) : y0 + side, x0 : x0 + side] = SQUARE_COLOR
         cy = int(round(radius + t * (height - 2 * radius - 1)))
         cv2.circle(img, (3 * width // 4, cy), radius, CIRCLE_COLOR, -1)
-        out.append(img)
-    return out
+        yield img
+
+
+def write_long_video(frames: int, height: int, width: int, fps: int = 30) -> bytes:
+    """An mp4 of iter_moving_frames, encoded as the frames are drawn: memory is one frame, not the clip."""
+    codec = pick_codec("mp4")
+    if codec is None:
+        raise RuntimeError("no encoder available for mp4")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast"}
+        for img in iter_moving_frames(frames, height, width):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
 
 
 def pick_codec(fmt: str) -> str | None:

@@ -188,6 +188,9 @@ def _decode_frames(container: Any, stream: Any, limits: VideoLimits, cap: int, d
     size: tuple[int, int] | None = None  # (width, height) every frame is brought to, before rotation
     turns, first_t, last_t = 0, None, None
     declared = int(stream.frames or 0)
+    # One reformatter (one SwsContext) for every frame: VideoFrame.to_ndarray(format=...) builds a new one per
+    # frame, about 90 % of the decode's time on small frames (1,370 -> 4,289 frames/s at 128x96, same bits).
+    reformatter = av.video.reformatter.VideoReformatter()
     try:
         for frame in container.decode(stream):
             if len(stamps) >= cap:
@@ -210,7 +213,7 @@ def _decode_frames(container: Any, stream: Any, limits: VideoLimits, cap: int, d
                 if (len(held) + 1) * size[0] * size[1] * 3 > limits.max_decoded_bytes:
                     held = None  # over the budget: from here on, frames are re-read from the container
                 else:
-                    held.append(_frame_to_rgb(frame, size, turns))
+                    held.append(_frame_to_rgb(frame, size, turns, reformatter))
     except _DECODE_ERRORS as exc:
         raise InvalidVideo(f"video is truncated or corrupt after frame {len(stamps)} ({_reason(exc)})") from None
     if not stamps:
@@ -247,6 +250,7 @@ class ContainerFrames(Sequence):
         self._container: Any = None
         self._frames: Iterator[Any] | None = None
         self._next: int | None = None  # index of the frame self._frames yields next, when known
+        self._reformatter = av.video.reformatter.VideoReformatter()
         self.decoded = 0  # frames decoded since the first decode (for tests and the benchmark)
 
     def __len__(self) -> int:
@@ -305,7 +309,7 @@ class ContainerFrames(Sequence):
                 if current > index:
                     return None
                 if current >= keep_from:
-                    self._cache[current] = _frame_to_rgb(frame, self.size, self.turns)
+                    self._cache[current] = _frame_to_rgb(frame, self.size, self.turns, self._reformatter)
                     self._cache.move_to_end(current)
                     while len(self._cache) > self.capacity:
                         self._cache.popitem(last=False)
@@ -323,18 +327,23 @@ class ContainerFrames(Sequence):
             self._container.close()
             self._container = None
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reformatter = av.video.reformatter.VideoReformatter()
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_cache=OrderedDict(), _container=None, _frames=None, _next=None)
+        state.update(_cache=OrderedDict(), _container=None, _frames=None, _next=None, _reformatter=None)
         return state
 
 
-def _frame_to_rgb(frame: Any, size: tuple[int, int], turns: int) -> np.ndarray:
+def _frame_to_rgb(frame: Any, size: tuple[int, int], turns: int, reformatter: Any = None) -> np.ndarray:
     """One decoded frame to (H, W, 3) uint8 RGB at `size`, rotated by `turns` quarter turns counterclockwise."""
+    reformatter = reformatter or av.video.reformatter.VideoReformatter()
     if (frame.width, frame.height) != size:
-        rgb = frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
+        rgb = reformatter.reformat(frame, width=size[0], height=size[1], format="rgb24").to_ndarray()
     else:
-        rgb = frame.to_ndarray(format="rgb24")
+        rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
     if turns:
         rgb = np.rot90(rgb, k=turns)
     return np.ascontiguousarray(rgb)

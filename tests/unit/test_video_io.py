@@ -48,9 +48,9 @@ def converted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = vio._frame_to_rgb
 
-    def counting(frame, size, turns):
+    def counting(frame, size, turns, *rest):
         calls.append(1)
-        return original(frame, size, turns)
+        return original(frame, size, turns, *rest)
 
     monkeypatch.setattr(vio, "_frame_to_rgb", counting)
     return calls
