@@ -61,7 +61,7 @@ class WarmPool(Generic[H]):
         while len(self.entries) < target and self.clock() >= self._retry_at:
             try:
                 name, handle = self._launch()
-            except Exception:
+            except Exception:  # noqa: BLE001 - e.g. a name still held by a dying actor: retry later
                 logger.exception("could not start a warm video session actor")
                 self._failed()
                 return
@@ -104,7 +104,7 @@ class WarmPool(Generic[H]):
             except asyncio.CancelledError:
                 self._kill_quietly(entry)  # the caller went away holding it: it must not leak
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - dead or stuck: replace it, try the next
                 logger.warning("warm video session actor %s is unusable (%s): replaced", entry.name, exc)
                 self.replaced += 1
                 self._kill_quietly(entry)
@@ -171,7 +171,7 @@ class WarmPool(Generic[H]):
             entry.loaded.cancel()
         try:
             self._kill(entry.handle)
-        except Exception:
+        except Exception:  # noqa: BLE001 - already gone
             pass
 
 
