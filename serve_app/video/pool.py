@@ -94,12 +94,12 @@ class WarmPool(Generic[H]):
         """A loaded, live actor out of the pool (it is the caller's from now on), or None when there is none."""
         while self.entries and not self.closed:
             entry = next((e for e in self.entries if _succeeded(e.loaded)), None)
-            fresh = entry is None  # none loaded yet: the one loading longest is never slower than a new one
+            loading = entry is None  # none loaded yet: the one loading longest is never slower than a new one
             entry = entry or self.entries[0]
             self.entries.remove(entry)
             try:
                 await asyncio.shield(entry.loaded)
-                if not fresh:
+                if not loading:  # loaded a while ago: it must still answer
                     await asyncio.wait_for(self._wait_loaded(entry.handle), self.ping_timeout_s)
             except asyncio.CancelledError:
                 self._kill_quietly(entry)  # the caller went away holding it: it must not leak
