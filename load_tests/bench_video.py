@@ -8,6 +8,13 @@ text prompt. Each HTTP session is its own tracker actor: POST /v1/video/sessions
 .../propagate (NDJSON, one line per frame), DELETE. Sessions of one level are created and prompted, then propagate
 together. Prints frames, wall seconds, aggregate and per-session frames/s, p50/p99 of the gap between consecutive
 frames, time to first frame, session start time and frames/s relative to the in-process baseline. Figures only.
+
+Session open latency (upload -> 201) is measured on its own video (--open-frames, --open-size: by default the
+1,200-frame 128x96 mp4 of issue #12), in one run with the warm pool off (SAM3_VIDEO_WARM_SESSIONS=0, every open
+starts an actor and loads the model) and on (--warm-sessions, each open after the pool has refilled): p50/p99 over
+--opens opens, with the server's own split of each open (`timings_ms`: waiting for an actor, decode, VideoSession,
+the whole create) and what is left for HTTP and the ingress' probe. decode_video's frames/s on that video is
+measured in-process, apart. --open-only skips the tracking phases.
 """
 
 from __future__ import annotations
@@ -171,15 +178,12 @@ def run_in_process(args: argparse.Namespace, video: bytes) -> tuple[Phase, dict]
 
 
 def start_serve(args: argparse.Namespace, info: dict) -> str:
-    """Ray with every core and visible GPU, Serve's proxy on a free loopback port, build_app(Config) as the root app."""
+    """Ray with every core and visible GPU and Serve's proxy on a free loopback port; returns its URL."""
     import ray
     import torch
     from ray import serve
 
-    from deployments.app import build_app
-    from serve_app.core.config import Config
-
-    cuda = info["device"].startswith("cuda")
+    cuda = info["device"].startswith("cuda") or (info["device"] == "auto" and torch.cuda.is_available())
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     info["video_gpus"] = args.video_gpus if args.video_gpus is not None else (0.2 if cuda else 0.0)
     side = ENCODER_DECODER_GPUS if cuda else 0.0
@@ -187,18 +191,29 @@ def start_serve(args: argparse.Namespace, info: dict) -> str:
     if cuda and wanted > gpus:
         print(f"  warning: {max(args.concurrency)} sessions x {info['video_gpus']} GPU + {2 * side} for the image path "
               f"= {wanted:.2f} GPUs, {gpus} visible: sessions beyond that wait for a GPU slice", flush=True)
-    config = Config(
-        model=args.model, device=args.device, num_cpus=0, video_num_gpus=info["video_gpus"],
-        encoder_num_gpus=side, decoder_num_gpus=side, video_max_sessions=max(8, max(args.concurrency) + 1),
-        request_timeout_s=args.request_timeout_s,
-    )
+    info["side_gpus"] = side
     port = free_port()
     ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": config.request_timeout_s})
-    serve.run(build_app(config), name="bench-video", route_prefix="/")
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": args.request_timeout_s})
     info["torch_threads_in_ray_workers"] = worker_torch_threads()
     return f"http://127.0.0.1:{port}"
+
+
+def deploy_tracking(args: argparse.Namespace, info: dict) -> None:
+    """build_app(Config) as the root app, its warm pool as --warm-sessions."""
+    from ray import serve
+
+    from deployments.app import build_app
+    from serve_app.core.config import Config
+
+    config = Config(
+        model=args.model, device=args.device, num_cpus=0, video_num_gpus=info["video_gpus"],
+        encoder_num_gpus=info["side_gpus"], decoder_num_gpus=info["side_gpus"],
+        video_max_sessions=max(8, max(args.concurrency) + 1), video_warm_sessions=args.warm_sessions,
+        request_timeout_s=args.request_timeout_s,
+    )
+    serve.run(build_app(config), name="bench-video", route_prefix="/")
 
 
 def _http_error(response) -> str:
@@ -308,11 +323,11 @@ def run_level(url: str, video: bytes, phase: Phase, args: argparse.Namespace, ma
     phase.track_s = max(ends) - marks.get("go", start) if ends else 0.0
 
 
-def run_http(args: argparse.Namespace, video: bytes, info: dict, expected: int) -> list[Phase]:
+def run_http(args: argparse.Namespace, video: bytes, info: dict, expected: int, url: str) -> list[Phase]:
     """Warm-up session (not counted), then each concurrency level in turn on fresh sessions."""
     phases = [Phase("http", c, expected) for c in args.concurrency]
     try:
-        url = start_serve(args, info)
+        deploy_tracking(args, info)
     except Exception as exc:  # noqa: BLE001
         for phase in phases:
             phase.errors.append(f"Serve did not start: {type(exc).__name__}: {exc}")
@@ -326,6 +341,124 @@ def run_http(args: argparse.Namespace, video: bytes, info: dict, expected: int) 
         print(f"  http c={phase.concurrency}: {sum(r.frames for r in phase.runs)} frames, {len(phase.all_errors())} "
               f"errors in {phase.wall_s:.1f} s", flush=True)
     return phases
+
+
+# ---- (c) session open latency, warm pool off and on ------------------------------------------------------
+
+
+def decode_rate(video: bytes, repeats: int = 5) -> dict:
+    """decode_video (what a session actor runs) and probe_video (the ingress' check) on the open video, in-process."""
+    from serve_app.video.io import VideoLimits, decode_video, probe_video
+
+    limits = VideoLimits(max_frames=10**6)
+    decode_s, probe_s, frames = [], [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        probe_video(video, limits)
+        t1 = time.perf_counter()
+        frames = decode_video(video, limits).num_frames
+        decode_s.append(time.perf_counter() - t1)
+        probe_s.append(t1 - t0)
+    best, median = min(decode_s), float(np.median(decode_s))
+    return {"frames": frames, "decode_ms_p50": round(median * 1000, 1), "decode_fps_p50": round(frames / median, 1),
+            "decode_fps_best": round(frames / best, 1), "probe_ms_p50": round(float(np.median(probe_s)) * 1000, 1)}
+
+
+def _wait_warm(url: str, wanted: int, timeout_s: float) -> float:
+    """Seconds until the app's warm pool holds `wanted` loaded actors (from /v1/stats)."""
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        stats = httpx.get(f"{url}/v1/stats", timeout=30).json()
+        if (stats.get("video") or {}).get("warm", {}).get("ready", 0) >= wanted:
+            break
+        time.sleep(0.2)
+    return time.perf_counter() - t0
+
+
+def open_latency(base: str, video: bytes, args: argparse.Namespace, info: dict, warm: int) -> dict:
+    """Deploy the graph with `warm` warm actors, open and close --opens sessions one at a time, delete the app."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+    from serve_app.core.config import Config
+
+    name = f"open-warm{warm}"
+    config = Config(model=args.model, device=args.device, num_cpus=0, web_ui=False, video_warm_sessions=warm,
+                    video_num_gpus=info["video_gpus"], encoder_num_gpus=info["side_gpus"],
+                    decoder_num_gpus=info["side_gpus"],
+                    video_max_frames=max(2000, args.open_frames), request_timeout_s=args.request_timeout_s)
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    url, rows, refill_s = f"{base}/{name}", [], []
+    try:
+        with httpx.Client(timeout=args.request_timeout_s) as client:
+            for _ in range(args.opens):
+                if warm:
+                    refill_s.append(_wait_warm(url, min(warm, 1), args.request_timeout_s))
+                t0 = time.perf_counter()
+                response = client.post(f"{url}/v1/video/sessions", content=video, headers={"content-type": "video/mp4"})
+                client_ms = (time.perf_counter() - t0) * 1000
+                if response.status_code != 201:
+                    rows.append({"error": _http_error(response)})
+                    continue
+                body = response.json()
+                timings = body.get("timings_ms", {})
+                rows.append({"client": client_ms, "warm_start": body.get("warm_start"), **timings,
+                             "http_and_ingress": client_ms - timings.get("create", 0.0)})
+                client.delete(f"{url}/v1/video/sessions/{body['session_id']}")
+    finally:
+        serve.delete(name)
+    ok = [r for r in rows if "error" not in r]
+    pct = lambda key, q: round(float(np.percentile([r[key] for r in ok if key in r], q)), 1) if ok else None
+    out = {"warm_sessions": warm, "opens": len(rows), "ok": len(ok), "warm_starts": sum(bool(r["warm_start"]) for r in ok),
+           "errors": [r["error"] for r in rows if "error" in r][:SHOWN_ERRORS]}
+    for key in ("client", "actor", "load", "decode", "session", "create", "http_and_ingress"):
+        out[f"{key}_ms_p50"], out[f"{key}_ms_p99"] = pct(key, 50), pct(key, 99)
+    out["client_ms_each"] = [round(r["client"], 1) for r in ok]
+    if refill_s:
+        out["refill_wait_s_max"] = round(max(refill_s[1:] or [0.0]), 2)  # the first wait is the app's start
+    return out
+
+
+def run_open_latency(args: argparse.Namespace, info: dict, base: str) -> list[dict]:
+    from tests.videos import write_video
+
+    video = write_video(args.open_frames, args.open_height, args.open_width, fps=25, fmt="mp4")
+    print(f"open latency: {args.open_frames} frames at {args.open_size} ({len(video)} bytes), {args.opens} opens, "
+          f"warm pool 0 then {args.warm_sessions} ...", flush=True)
+    rows = []
+    for warm in (0, args.warm_sessions):
+        try:
+            rows.append(open_latency(base, video, args, info, warm))
+        except Exception as exc:  # noqa: BLE001 - a figure, not the end of the run
+            rows.append({"warm_sessions": warm, "errors": [f"{type(exc).__name__}: {exc}"]})
+        print(f"  warm={warm}: {rows[-1].get('client_ms_each')}", flush=True)
+    rows.append({"decode_in_process": decode_rate(video), "mp4_bytes": len(video)})
+    return rows
+
+
+def print_open_table(rows: list[dict]) -> None:
+    decode = rows[-1]["decode_in_process"]
+    print(f"\nsession open (upload -> 201), {decode['frames']} frames, {rows[-1]['mp4_bytes']} bytes; "
+          f"in-process decode_video p50 {decode['decode_ms_p50']} ms = {decode['decode_fps_p50']} frames/s "
+          f"(best {decode['decode_fps_best']}), probe_video {decode['probe_ms_p50']} ms")
+    columns = (f"{'warm':>5}{'opens':>6}{'warm_st':>8}{'p50_ms':>9}{'p99_ms':>9}{'actor':>9}{'load':>9}{'decode':>9}"
+               f"{'session':>9}{'create':>9}{'http+ingr':>10}")
+    print(columns + "   (server-side columns: p50 ms)")
+    print("-" * len(columns))
+    for r in rows[:-1]:
+        if "opens" not in r:
+            print(f"{r['warm_sessions']:>5}  failed: {r['errors']}")
+            continue
+        print(f"{r['warm_sessions']:>5}{r['opens']:>6}{r['warm_starts']:>8}{fmt(r['client_ms_p50'], '.0f'):>9}"
+              f"{fmt(r['client_ms_p99'], '.0f'):>9}{fmt(r['actor_ms_p50'], '.0f'):>9}{fmt(r['load_ms_p50'], '.0f'):>9}"
+              f"{fmt(r['decode_ms_p50'], '.0f'):>9}"
+              f"{fmt(r['session_ms_p50'], '.1f'):>9}{fmt(r['create_ms_p50'], '.0f'):>9}"
+              f"{fmt(r['http_and_ingress_ms_p50'], '.0f'):>10}")
+        for message in r["errors"]:
+            print(f"  error: {message}")
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -370,10 +503,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in-process (default 1: what Ray gives 0-CPU session actors; 0: torch's own)")
     p.add_argument("--request-timeout-s", type=float, default=300.0, help="SAM3_REQUEST_TIMEOUT_S and client timeout")
-    p.add_argument("--skip-http", action="store_true", help="only the in-process baseline")
+    p.add_argument("--skip-http", action="store_true", help="only the in-process baseline (and no open latency)")
+    p.add_argument("--opens", type=int, default=5, help="sessions opened per warm-pool setting (0: skip that part)")
+    p.add_argument("--open-frames", type=int, default=1200, help="frames of the open-latency video")
+    p.add_argument("--open-size", default="96x128", help="HEIGHTxWIDTH of the open-latency video")
+    p.add_argument("--warm-sessions", type=int, default=1, help="SAM3_VIDEO_WARM_SESSIONS of the pool-on app")
+    p.add_argument("--open-only", action="store_true", help="only the open latency (no tracking phases)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     args.height, args.width = (int(v) for v in args.size.lower().split("x"))
+    args.open_height, args.open_width = (int(v) for v in args.open_size.lower().split("x"))
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     return args
 
@@ -382,25 +521,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     video = make_video(args)
-    print(f"in-process: {args.frames} frames at {args.size}, model {args.model} ...", flush=True)
-    baseline, info = run_in_process(args, video)
-    print(f"  in-process: {baseline.runs[0].frames if baseline.runs else 0} frames in {baseline.track_s:.1f} s",
-          flush=True)
-    phases: list[Phase] = []
+    baseline, info, phases, opens = Phase("in-process", 1, args.frames), {"device": args.device}, [], []
+    if not args.open_only:
+        print(f"in-process: {args.frames} frames at {args.size}, model {args.model} ...", flush=True)
+        baseline, info = run_in_process(args, video)
+        print(f"  in-process: {baseline.runs[0].frames if baseline.runs else 0} frames in {baseline.track_s:.1f} s",
+              flush=True)
     if not args.skip_http:
-        print(f"http: starting Ray Serve, then concurrency {args.concurrency} ...", flush=True)
+        print("http: starting Ray Serve ...", flush=True)
         try:
-            phases = run_http(args, video, info, baseline.expected_frames)
+            url = start_serve(args, info)
+            if args.opens > 0:
+                opens = run_open_latency(args, info, url)
+            if not args.open_only:
+                print(f"http: tracking at concurrency {args.concurrency} ...", flush=True)
+                phases = run_http(args, video, info, baseline.expected_frames, url)
+        except Exception as exc:  # noqa: BLE001
+            baseline.errors.append(f"Serve did not start: {type(exc).__name__}: {exc}")
         finally:
             stop_serve()
-    rows = [p.summary(baseline.fps() or None) for p in (baseline, *phases)]
     header = {"model": args.model, **info, "video": f"{args.frames}x{args.size}", "mp4_bytes": len(video),
               "phrase": args.phrase, "cpu_cores": os.cpu_count(), "total_s": round(time.perf_counter() - started, 1)}
-    print_errors([baseline, *phases])
-    print_table(rows, header)
+    rows = []
+    if not args.open_only:
+        rows = [p.summary(baseline.fps() or None) for p in (baseline, *phases)]
+        print_errors([baseline, *phases])
+        print_table(rows, header)
+    else:
+        print("\n" + "  ".join(f"{k}={v}" for k, v in header.items()))
+    if opens:
+        print_open_table(opens)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"config": header, "results": rows}, handle, indent=2)
+            json.dump({"config": header, "results": rows, "open_latency": opens}, handle, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

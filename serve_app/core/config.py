@@ -73,6 +73,10 @@ class Config(BaseModel):
     video_max_sessions: int = Field(8, ge=1, description="Open video sessions at once (over it: 429).")
     video_session_ttl_s: float = Field(600.0, gt=0, description="A session idle this long is closed.")
     video_num_gpus: float = Field(0.0, ge=0, description="GPU fraction of each session's tracker actor.")
+    video_warm_sessions: int = Field(
+        1, ge=0, description="Tracker actors kept started with the model loaded, so opening a session costs only "
+        "its decode (0 disables); never more than the places left under SAM3_VIDEO_MAX_SESSIONS.",
+    )
     video_max_objects: int = Field(32, ge=1, description="Objects one session may track.")
 
     # Async queue (Oxen /api/ai/queue, /api/events): one JobStore, JobRunner replicas run the jobs

@@ -34,14 +34,18 @@ class SessionState:
 
     def load(self, data: bytes | None, frames: list[np.ndarray] | None, fps: float | None) -> dict:
         limits = VideoLimits.from_config(self.config)
+        started = time.perf_counter()
         if data is not None:
             self.video = decode_video(data, limits)
         elif frames:
             self.video = frames_from_images(frames, fps or 25.0, limits=limits)
         else:
             raise BadRequest("give a video (bytes, base64 or URL) or a list of frames")
+        decoded = time.perf_counter()
         self.session = VideoSession(self.engine, self.video.frames, self.video.fps, self.config.video_max_objects)
-        return self.info()
+        done = time.perf_counter()
+        timings = {"decode": round((decoded - started) * 1000, 1), "session": round((done - decoded) * 1000, 1)}
+        return {**self.info(), "timings_ms": timings}
 
     def info(self) -> dict:
         session = self._session()

@@ -46,6 +46,11 @@ class SessionRegistry(Generic[H]):
             self._reserved += 1
         return secrets.token_urlsafe(12)
 
+    def free(self) -> int:
+        """Places left under the cap (open and reserved sessions take one each)."""
+        with self._lock:
+            return max(0, self.max_sessions - len(self._open) - self._reserved)
+
     def release(self) -> None:
         with self._lock:
             self._reserved -= 1

@@ -43,6 +43,17 @@ def test_cap_counts_reservations_and_frees_on_close():
     assert registry.reserve()
 
 
+def test_free_places_count_open_and_reserved_sessions():
+    registry = SessionRegistry(3, 60)
+    assert registry.free() == 3
+    first = _open(registry)
+    registry.reserve()
+    assert registry.free() == 1  # the warm pool may hold one actor, no more
+    registry.release()
+    registry.remove(first, "alice")
+    assert registry.free() == 3
+
+
 def test_close_is_idempotent_for_the_owner():
     registry = SessionRegistry(2, 60)
     sid = _open(registry)
