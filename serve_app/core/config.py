@@ -80,7 +80,7 @@ class Config(BaseModel):
         8 * 1024 * 1024, ge=1024, description="Largest encoded frame (one binary WebSocket message) of a stream."
     )
     video_stream_idle_s: float = Field(
-        60.0, gt=0, description="A stream that gets no frame this long is closed (close code 4408)."
+        60.0, gt=0, description="A stream that gets no message this long is closed (close code 4504)."
     )
 
     # Async queue (Oxen /api/ai/queue, /api/events): one JobStore, JobRunner replicas run the jobs
