@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, WebSocket
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.websockets import WebSocketState
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from serve_app.core.auth import bearer
 from serve_app.core.errors import (
@@ -195,6 +195,7 @@ async def _run(sock: _Socket, backend: StreamBackend, service: SegmentService, s
     pending: deque[tuple[int, asyncio.Task]] = deque()  # frames sent on, in order; each answered in that order
     wake = asyncio.Event()
     fatal: list[Sam3Error] = []
+    tracked = [0]
     finished = asyncio.Event()  # the client asked to close and every frame it sent has been answered
 
     async def answer() -> None:
@@ -208,6 +209,7 @@ async def _run(sock: _Socket, backend: StreamBackend, service: SegmentService, s
             try:
                 result = await task
                 await sock.send({"type": "frame", "seq": seq, **result})
+                tracked[0] += 1
             except Sam3Error as exc:
                 if exc.status_code >= 500 or isinstance(exc, Gone):
                     fatal.append(exc)
@@ -238,7 +240,7 @@ async def _run(sock: _Socket, backend: StreamBackend, service: SegmentService, s
                     finished.set()
                     wake.set()
                     await answering
-                    await sock.send({"type": "closed", "stream_id": stream_id, "frames": number})
+                    await sock.send({"type": "closed", "stream_id": stream_id, "frames": tracked[0]})
                     await sock.close()
                     break
                 await sock.send(error_message(BadRequest(
@@ -256,13 +258,17 @@ async def _run(sock: _Socket, backend: StreamBackend, service: SegmentService, s
                 number += 1
                 wake.set()
             seq += 1
-    except Exception as exc:
+    except WebSocketDisconnect:
+        pass  # the client left mid-send: the caller frees the stream
+    except Exception as exc:  # noqa: BLE001 - a bug: say so and close the stream
         if not isinstance(exc, Sam3Error):
             logger.exception("video stream %s failed", stream_id)
             exc = ServiceUnavailable("the stream failed on the server")
         await sock.fail(exc)
     finally:
         answering.cancel()
+        if answering.done() and not answering.cancelled():
+            answering.exception()  # retrieved: a send that failed because the client left is no news
         for _, task in pending:
             task.cancel()
         await sock.close(close_code(fatal[0]) if fatal else CLOSE_NORMAL)
@@ -312,7 +318,7 @@ async def watch_stream(
             await sock.send({"type": "closed", "stream_id": stream_id})
     except Sam3Error as exc:
         await sock.fail(exc)
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - the viewer went away mid-send
         pass
     finally:
         left.cancel()
