@@ -9,6 +9,7 @@ from deployments.decoder import Decoder
 from deployments.encoder import ImageEncoder
 from deployments.ingress import Ingress
 from deployments.jobs import JobRunner, JobStore
+from deployments.stream import VideoStreams
 from deployments.ui import WebUI
 from deployments.video import VideoSessions
 from serve_app.core.config import Config
@@ -38,6 +39,7 @@ def build_app(config: Config) -> Application:
     ).bind(config)
     cache = ImageCache.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(encoder, config)
     sessions = VideoSessions.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
+    streams = VideoStreams.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
     jobs = JobStore.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
     runner = JobRunner.options(
         ray_actor_options={"num_cpus": config.num_cpus}, num_replicas=config.jobs_runner_replicas
@@ -48,7 +50,7 @@ def build_app(config: Config) -> Application:
         ray_actor_options={"num_cpus": config.num_cpus},
         max_ongoing_requests=256,
         **_scaling(config, config.ingress_replicas),
-    ).bind(encoder, decoder, config, sessions, jobs, runner, cache, ui)
+    ).bind(encoder, decoder, config, sessions, jobs, runner, cache, ui, streams)
 
 
 def app_builder(args: dict) -> Application:

@@ -207,3 +207,50 @@ class RayCaches:
 
     async def stats(self) -> dict:
         return await await_call(self.cache.stats.remote(), 10.0)
+
+
+class RayStreamBackend:
+    """Live streams through the VideoStreams deployment; frames go straight to the stream's actor."""
+
+    def __init__(self, streams: DeploymentHandle, timeout_s: float = 600.0) -> None:
+        self.streams, self.timeout_s = streams, timeout_s
+        self._actors: dict[str, object] = {}  # streams this replica opened, and its viewers -> the stream's actor
+        self._watchers = 0
+
+    async def open(self, owner: str, prompt) -> dict:
+        info = await await_call(self.streams.open.remote(owner, prompt), self.timeout_s)
+        self._actors[info["stream_id"]] = info.pop("actor")
+        return info
+
+    async def _actor_call(self, stream_id: str, method: str, *args):
+        actor = self._actors.get(stream_id)
+        if actor is None:
+            raise Gone(f"video stream {stream_id!r} is closed")
+        try:
+            return await asyncio.wait_for(getattr(actor, method).remote(*args), self.timeout_s)
+        except RayActorError:
+            raise Gone(f"video stream {stream_id!r} is gone: its tracker actor died. Open a new stream.") from None
+        except RayTaskError as exc:
+            raise unwrap(exc) from None
+        except asyncio.TimeoutError:
+            raise GatewayTimeout(f"video stream {stream_id!r} did not answer within {self.timeout_s:g} s") from None
+
+    async def push(self, stream_id: str, number: int, seq: int, data: bytes) -> dict:
+        return await self._actor_call(stream_id, "push", number, seq, data)
+
+    async def attach(self, stream_id: str, owner: str) -> str:
+        actor = await await_call(self.streams.attach.remote(stream_id, owner), self.timeout_s)
+        self._watchers += 1
+        watch_id = f"{stream_id}#watch{self._watchers}"  # one per viewer: a viewer leaving detaches itself only
+        self._actors[watch_id] = actor
+        return watch_id
+
+    async def watch(self, watch_id: str, after: int, wait_s: float) -> dict:
+        return await self._actor_call(watch_id, "watch", after, wait_s)
+
+    async def detach(self, watch_id: str) -> None:
+        self._actors.pop(watch_id, None)
+
+    async def close(self, stream_id: str, owner: str) -> None:
+        self._actors.pop(stream_id, None)
+        await await_call(self.streams.close.remote(stream_id, owner), 30.0)

@@ -10,7 +10,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
-from deployments.handles import RayCaches, RayGraph, RayJobBackend, RayVideoBackend, await_call, shared_media
+from deployments.handles import (
+    RayCaches,
+    RayGraph,
+    RayJobBackend,
+    RayStreamBackend,
+    RayVideoBackend,
+    await_call,
+    shared_media,
+)
 from serve_app.core.config import Config
 from serve_app.core.errors import Sam3Error
 from serve_app.core.http import SafeJSONResponse, install_error_handlers, install_gate
@@ -29,9 +37,11 @@ from serve_app.protocols import (
     segmind,
     segmind_queue,
     video,
+    video_stream,
 )
 from serve_app.ui.bridge import ui_app
 from serve_app.video.backend import set_video_backend
+from serve_app.video.stream_backend import set_stream_backend
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +52,7 @@ app = FastAPI(title="sam3-serve", version="0.1.0", description=DESCRIPTION, defa
 install_error_handlers(app)
 _config = {"current": Config()}  # replaced by the replica's own config when it starts
 install_gate(app, lambda: _config["current"])
-for _provider in (native, oxen, oxen_video, oxen_queue, segmind, segmind_queue, roboflow, hf_space, video):
+for _provider in (native, oxen, oxen_video, oxen_queue, segmind, segmind_queue, roboflow, hf_space, video, video_stream):
     app.include_router(_provider.router)
 app.mount("/ui", ui_app)  # the web UI: forwarded to the WebUI replica, which holds the Gradio app
 
@@ -54,11 +64,14 @@ class Ingress:
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, config: Config, sessions: DeploymentHandle | None = None,
         jobs: DeploymentHandle | None = None, job_runner: DeploymentHandle | None = None,
         cache: DeploymentHandle | None = None, ui: DeploymentHandle | None = None,
+        streams: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
         if sessions is not None:
             set_video_backend(RayVideoBackend(sessions))
+        if streams is not None:  # live streams over WebSocket (docs/video-streams.md)
+            set_stream_backend(RayStreamBackend(streams))
         if jobs is not None:  # job_runner is bound only so that it is deployed: it pulls its work from `jobs`
             set_job_backend(RayJobBackend(jobs))
         self.encoder, self.decoder = encoder, decoder

@@ -79,6 +79,19 @@ class Config(BaseModel):
     )
     video_max_objects: int = Field(32, ge=1, description="Objects one session may track.")
 
+    # Live video streams (WebSocket /v1/video/streams, docs/video-streams.md)
+    video_max_streams: int = Field(4, ge=1, description="Live streams open at once (over it: close code 4429).")
+    video_stream_max_in_flight: int = Field(
+        2, ge=1, description="Frames of one stream queued or being tracked at once; a frame pushed beyond it is "
+        "dropped and answered `dropped`."
+    )
+    video_stream_max_frame_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest encoded frame (one binary WebSocket message) of a stream."
+    )
+    video_stream_idle_s: float = Field(
+        60.0, gt=0, description="A stream that gets no message this long is closed (close code 4504)."
+    )
+
     # Async queue (Oxen /api/ai/queue, /api/events): one JobStore, JobRunner replicas run the jobs
     jobs_max: int = Field(10_000, ge=1, description="Job records held (all keys); finished ones are dropped first.")
     jobs_max_queued_per_key: int = Field(32, ge=1, description="Queued + running jobs of one API key (over it: 429).")
