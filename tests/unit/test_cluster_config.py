@@ -33,8 +33,8 @@ def _deployments(app) -> dict:
 def test_builder_applies_gpu_fractions_and_batching():
     args = yaml.safe_load((CLUSTER / "serve_config_gpu.yaml").read_text())["applications"][0]["args"]
     graph = _deployments(app_builder({**args, "model": "tiny-random"}))
-    assert set(graph) == {"Ingress", "ImageCache", "ImageEncoder", "Decoder", "VideoSessions", "JobStore", "JobRunner",
-                          "WebUI"}
+    assert set(graph) == {"Ingress", "ImageCache", "ImageEncoder", "Decoder", "VideoSessions", "VideoStreams",
+                          "JobStore", "JobRunner", "WebUI"}
     assert graph["ImageEncoder"].ray_actor_options["num_gpus"] == 0.5
     assert graph["Decoder"].ray_actor_options["num_gpus"] == 0.25
     assert graph["ImageEncoder"]._deployment_config.autoscaling_config.max_replicas == 4
