@@ -509,6 +509,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--open-size", default="96x128", help="HEIGHTxWIDTH of the open-latency video")
     p.add_argument("--warm-sessions", type=int, default=1, help="SAM3_VIDEO_WARM_SESSIONS of the pool-on app")
     p.add_argument("--open-only", action="store_true", help="only the open latency (no tracking phases)")
+    p.add_argument("--stream-frames", type=int, default=100,
+                   help="frames pushed over one live stream (WebSocket, one click, load_tests/bench_stream.py; 0: skip)")
+    p.add_argument("--stream-windows", default="1,2", help="comma-separated frames in flight for the stream phase")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     args.height, args.width = (int(v) for v in args.size.lower().split("x"))
@@ -517,11 +520,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_streams(args: argparse.Namespace, url: str) -> list[dict]:
+    """Live streams against the same app: per-frame latency p50/p99 and frames/s (load_tests/bench_stream.py)."""
+    from bench_stream import clip_frames, start_message, stream_figures
+
+    height, width = (int(v) for v in args.size.split("x"))
+    frames = clip_frames(args.stream_frames, height, width)
+    ws_url = url.replace("http://", "ws://", 1) + "/v1/video/streams"
+    rows = []
+    for window in (int(w) for w in args.stream_windows.split(",") if w):
+        print(f"http: live stream, {len(frames)} frames, {window} in flight ...", flush=True)
+        try:
+            figures = stream_figures(ws_url, frames, start_message(height, width, None), window=window,
+                                     timeout_s=args.request_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a figure is missing, the rest of the benchmark stands
+            figures = {"frames": len(frames), "errors": [f"{type(exc).__name__}: {exc}"]}
+        rows.append({"window": window, **figures})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     video = make_video(args)
     baseline, info, phases, opens = Phase("in-process", 1, args.frames), {"device": args.device}, [], []
+    streams: list[dict] = []
     if not args.open_only:
         print(f"in-process: {args.frames} frames at {args.size}, model {args.model} ...", flush=True)
         baseline, info = run_in_process(args, video)
@@ -536,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.open_only:
                 print(f"http: tracking at concurrency {args.concurrency} ...", flush=True)
                 phases = run_http(args, video, info, baseline.expected_frames, url)
+            if args.stream_frames > 0 and not args.open_only:
+                streams = run_streams(args, url)
         except Exception as exc:  # noqa: BLE001
             baseline.errors.append(f"Serve did not start: {type(exc).__name__}: {exc}")
         finally:
@@ -551,9 +576,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + "  ".join(f"{k}={v}" for k, v in header.items()))
     if opens:
         print_open_table(opens)
+    for row in streams:
+        print(f"stream ({row['window']} in flight, {row['frames']} frames of {args.size}): {row.get('fps')} frames/s, "
+              f"p50 {row.get('p50_ms')} ms, p99 {row.get('p99_ms')} ms, open {row.get('open_ms')} ms, "
+              f"dropped {row.get('dropped')}, errors {row.get('errors')}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"config": header, "results": rows, "open_latency": opens}, handle, indent=2)
+            json.dump({"config": header, "results": rows, "open_latency": opens, "streams": streams}, handle, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 
