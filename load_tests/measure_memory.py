@@ -6,7 +6,8 @@ For each dtype, in a fresh subprocess on the CPU: the weights one replica holds 
 video-session replica loads the whole Sam3VideoModel: parameter + buffer bytes, split by part), the resident
 memory after loading, and the peak extra memory of one backbone forward (the encoder's activations, per image
 of the batch) and of one concept decode from a cached embedding (the decoder's activations). The weights are
-exact; activation peaks are measured by the process's peak RSS (ru_maxrss) and are an upper bound of what the
+exact; activation peaks are the rise of the process's peak RSS over one step (VmHWM, reset before each step so the
+model build's transient peak does not hide it; ru_maxrss where it cannot be reset), an upper bound of what the
 same step allocates on a GPU, where the allocator caches less. Figures for docs/cluster.md, not assertions.
 """
 
@@ -31,7 +32,26 @@ def _rss() -> int:
     return 0
 
 
+def _reset_peak() -> bool:
+    """Reset this process' peak RSS (VmHWM) to its current RSS (Linux: `5` to /proc/self/clear_refs), so a step's
+    peak is not hidden under the (higher) transient peak of building the model; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak() -> int:
+    """Peak RSS since the last _reset_peak (VmHWM), else since the process started (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -68,13 +88,15 @@ def measure(dtype: str, batch: int) -> dict:
         "tracker": _bytes(bundle.video.tracker_model),
     }
     images = [np.random.default_rng(i).integers(0, 255, (480, 640, 3), dtype=np.uint8) for i in range(batch)]
-    before = _peak()
+    resettable = _reset_peak()
+    before = _peak() if resettable else max(_peak(), _rss())
     t0 = time.perf_counter()
     embeddings = engine.encode(images)
     encode_s = time.perf_counter() - t0
-    encode_peak = max(0, _peak() - max(before, loaded))
+    encode_peak = max(0, _peak() - before)
     embedding_bytes = embeddings[0].numel() * embeddings[0].element_size()
-    before = _peak()
+    _reset_peak()
+    before = _peak() if resettable else max(_peak(), _rss())
     t0 = time.perf_counter()
     prompt = None
     try:
@@ -95,6 +117,8 @@ def measure(dtype: str, batch: int) -> dict:
         "encode_activation_peak_gib": round(encode_peak / GIB, 3),
         "decode_activation_peak_gib": None if decode_peak is None else round(decode_peak / GIB, 3),
         "embedding_mib": round(embedding_bytes / 1024**2, 2),
+        "peak_method": "VmHWM reset per step" if resettable else "ru_maxrss (not reset: load peak may hide a step)",
+        "torch_threads": torch.get_num_threads(),
     }
 
 
