@@ -19,7 +19,7 @@ from locust.contrib.fasthttp import FastHttpUser
 from PIL import Image
 
 API_KEY = os.environ.get("SAM3_LOCUST_KEY", "")
-RAMP = json.loads(os.environ.get("SAM3_LOCUST_STAGES", "[[20, 2], [40, 8], [70, 16]]"))  # [[until_s, users]]
+RAMP = json.loads(os.environ.get("SAM3_LOCUST_STAGES", "[[15, 2], [35, 8], [95, 16]]"))  # [[until_s, users]]
 START = time.time()
 RECORD: list[tuple[float, int, float]] = []
 

@@ -2,7 +2,7 @@
 
 The script runs in its own process with its own Ray cluster (`address="local"`, own temp dir), Serve proxy on a
 free loopback port and headless Locust, so the suite's in-process cluster is untouched. It ramps 2 -> 8 -> 16
-users for 70 s against the graph with SAM3_AUTOSCALE on (max 2 replicas, target 2 ongoing requests, 2 s / 5 s
+users over 95 s against the graph with SAM3_AUTOSCALE on (max 2 replicas, target 2 ongoing requests, 2 s / 5 s
 delays), polls `serve.status()` every second and then watches the replicas go back to one. About 3 minutes on 2
 idle cores. `--no-autoscale` (fixed single replicas) is the broken case: its verdict fails.
 """
