@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-maxima unit integration bench install clean system-deps
+.PHONY: serve test test-maxima test-autoscale unit integration bench install clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: $(STAMP) system-deps
 # The documented maxima that take many minutes of CPU (16 prompts x 100 instances on 40 MP: ~9 min on 2 cores).
 test-maxima: $(STAMP)
 	SAM3_TEST_MAXIMA=1 $(PY) -m pytest -q -s -p no:cacheprovider -m maxima tests
+
+# The Locust autoscaling load test (~4 min): not in make test yet, it does not pass on 2 cores (docs/cluster.md).
+test-autoscale: $(STAMP)
+	SAM3_TEST_AUTOSCALE=1 $(PY) -m pytest -q -s -p no:cacheprovider -m autoscale tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

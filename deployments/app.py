@@ -25,6 +25,7 @@ def _scaling(config: Config, replicas: int) -> dict:
 
 
 def build_app(config: Config) -> Application:
+    service = {"num_cpus": config.num_cpus, "resources": dict(config.service_resources)}  # the CPU-side replicas
     encoder = ImageEncoder.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.encoder_num_gpus,
                            "resources": dict(config.model_resources)},
@@ -37,17 +38,17 @@ def build_app(config: Config) -> Application:
         max_ongoing_requests=8,
         **_scaling(config, config.decoder_replicas),
     ).bind(config)
-    cache = ImageCache.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(encoder, config)
-    sessions = VideoSessions.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
-    streams = VideoStreams.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
-    jobs = JobStore.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(config)
+    cache = ImageCache.options(ray_actor_options=service).bind(encoder, config)
+    sessions = VideoSessions.options(ray_actor_options=service).bind(config)
+    streams = VideoStreams.options(ray_actor_options=service).bind(config)
+    jobs = JobStore.options(ray_actor_options=service).bind(config)
     runner = JobRunner.options(
-        ray_actor_options={"num_cpus": config.num_cpus}, num_replicas=config.jobs_runner_replicas
+        ray_actor_options=service, num_replicas=config.jobs_runner_replicas
     ).bind(encoder, decoder, sessions, jobs, config, cache)
-    ui = (WebUI.options(ray_actor_options={"num_cpus": config.num_cpus}).bind(encoder, decoder, sessions, config, cache)
+    ui = (WebUI.options(ray_actor_options=service).bind(encoder, decoder, sessions, config, cache)
           if config.web_ui else None)
     return Ingress.options(
-        ray_actor_options={"num_cpus": config.num_cpus},
+        ray_actor_options=service,
         max_ongoing_requests=256,
         **_scaling(config, config.ingress_replicas),
     ).bind(encoder, decoder, config, sessions, jobs, runner, cache, ui, streams)

@@ -1,12 +1,13 @@
 """Memory per replica of the SAM3 graph on `full-random` (facebook/sam3's architecture, random weights), by dtype.
 
-    python load_tests/measure_memory.py [--dtypes float32,bfloat16] [--batch 1] [--json out.json]
+    python load_tests/measure_memory.py [--dtypes float32,bfloat16] [--batch 1] [--backbone-layers N] [--json out.json]
 
 For each dtype, in a fresh subprocess on the CPU: the weights one replica holds (every ImageEncoder, Decoder and
 video-session replica loads the whole Sam3VideoModel: parameter + buffer bytes, split by part), the resident
 memory after loading, and the peak extra memory of one backbone forward (the encoder's activations, per image
 of the batch) and of one concept decode from a cached embedding (the decoder's activations). The weights are
-exact; activation peaks are measured by the process's peak RSS (ru_maxrss) and are an upper bound of what the
+exact; activation peaks are the rise of the process's peak RSS over one step (VmHWM, reset before each step so the
+model build's transient peak does not hide it; ru_maxrss where it cannot be reset), an upper bound of what the
 same step allocates on a GPU, where the allocator caches less. Figures for docs/cluster.md, not assertions.
 """
 
@@ -31,7 +32,26 @@ def _rss() -> int:
     return 0
 
 
+def _reset_peak() -> bool:
+    """Reset this process' peak RSS (VmHWM) to its current RSS (Linux: `5` to /proc/self/clear_refs), so a step's
+    peak is not hidden under the (higher) transient peak of building the model; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak() -> int:
+    """Peak RSS since the last _reset_peak (VmHWM), else since the process started (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -44,7 +64,7 @@ def _bytes(module) -> int:
     return total
 
 
-def measure(dtype: str, batch: int) -> dict:
+def measure(dtype: str, batch: int, backbone_layers: int = 0) -> dict:
     import numpy as np
     import torch
 
@@ -67,14 +87,19 @@ def measure(dtype: str, batch: int) -> dict:
         "detector_rest": _bytes(det) - _bytes(det.vision_encoder.backbone),
         "tracker": _bytes(bundle.video.tracker_model),
     }
+    layers = bundle.backbone.layers
+    if 0 < backbone_layers < len(layers):  # activations live one layer at a time: the first N (window and global
+        del layers[backbone_layers:]       # attention, e.g. 8 = up to the first global layer) peak as all 32 do
     images = [np.random.default_rng(i).integers(0, 255, (480, 640, 3), dtype=np.uint8) for i in range(batch)]
-    before = _peak()
+    resettable = _reset_peak()
+    before = _peak() if resettable else max(_peak(), _rss())
     t0 = time.perf_counter()
     embeddings = engine.encode(images)
     encode_s = time.perf_counter() - t0
-    encode_peak = max(0, _peak() - max(before, loaded))
+    encode_peak = max(0, _peak() - before)
     embedding_bytes = embeddings[0].numel() * embeddings[0].element_size()
-    before = _peak()
+    _reset_peak()
+    before = _peak() if resettable else max(_peak(), _rss())
     t0 = time.perf_counter()
     prompt = None
     try:
@@ -95,6 +120,8 @@ def measure(dtype: str, batch: int) -> dict:
         "encode_activation_peak_gib": round(encode_peak / GIB, 3),
         "decode_activation_peak_gib": None if decode_peak is None else round(decode_peak / GIB, 3),
         "embedding_mib": round(embedding_bytes / 1024**2, 2),
+        "peak_method": "VmHWM reset per step" if resettable else "ru_maxrss (not reset: load peak may hide a step)",
+        "torch_threads": torch.get_num_threads(), "backbone_layers_run": len(layers),
     }
 
 
@@ -103,14 +130,17 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--json")
+    parser.add_argument("--backbone-layers", type=int, default=0,
+                        help="run only the first N backbone layers (same per-layer peak, N/32 of the time; 0: all)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.batch)))
+        print(json.dumps(measure(args.one, args.batch, args.backbone_layers)))
         return
     rows = []
     for dtype in args.dtypes.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", dtype, "--batch", str(args.batch)],
+        out = subprocess.run([sys.executable, __file__, "--one", dtype, "--batch", str(args.batch),
+                              "--backbone-layers", str(args.backbone_layers)],
                              capture_output=True, text=True, check=False,
                              env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
         if out.returncode != 0:

@@ -127,6 +127,12 @@ class Config(BaseModel):
         "`{\"model_node\": 0.01}` keeps them on nodes started with `--resources '{\"model_node\": 1}'` "
         "(docs/cluster.md).",
     )
+    service_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each CPU-side replica (Ingress, ImageCache, VideoSessions, JobStore, "
+        "JobRunner, WebUI) needs, as JSON: `{\"service_node\": 0.01}` keeps them off the model nodes, so a model "
+        "node's death costs no ingress (docs/cluster.md).",
+    )
     encoder_replicas: int = Field(1, ge=1, description="ImageEncoder replicas (without autoscaling).")
     decoder_replicas: int = Field(1, ge=1, description="Decoder replicas (without autoscaling).")
     ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (without autoscaling).")
@@ -165,7 +171,7 @@ class Config(BaseModel):
             raise ValueError("use redis://host:port/db, sqlite:////path/state.db or memory://")
         return value
 
-    @field_validator("model_resources", mode="before")
+    @field_validator("model_resources", "service_resources", mode="before")
     @classmethod
     def _parse_json(cls, value: object) -> object:
         if isinstance(value, str):

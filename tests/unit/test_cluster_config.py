@@ -45,3 +45,15 @@ def test_builder_applies_gpu_fractions_and_batching():
 def test_builder_rejects_bad_args():
     with pytest.raises(ValueError, match="SAM3_ENCODER_NUM_GPUS"):
         app_builder({"encoder_num_gpus": -1})
+
+
+def test_model_and_service_resources_pin_the_two_sides_apart():
+    """SAM3_MODEL_RESOURCES goes to the model deployments only, SAM3_SERVICE_RESOURCES to every other one (the
+    two-node test, tests/integration/test_two_nodes.py, checks where the replicas then really run)."""
+    graph = _deployments(app_builder({"model": "tiny-random", "model_resources": '{"model_node": 0.01}',
+                                      "service_resources": {"service_node": 0.01}}))
+    for name, node in graph.items():
+        expected = {"model_node": 0.01} if name in ("ImageEncoder", "Decoder") else {"service_node": 0.01}
+        assert node.ray_actor_options["resources"] == expected, name
+    plain = _deployments(app_builder({"model": "tiny-random"}))
+    assert all(not node.ray_actor_options.get("resources") for node in plain.values())
