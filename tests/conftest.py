@@ -16,7 +16,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason="not yet passing on a 2-core CPU machine (the encoder does not scale out on tiny-random, "
         "docs/cluster.md): make test-autoscale (SAM3_TEST_AUTOSCALE=1) runs it")
     for item in items:
-        if "autoscale" in item.keywords and os.environ.get("SAM3_TEST_AUTOSCALE") != "1":
+        if item.get_closest_marker("autoscale") and os.environ.get("SAM3_TEST_AUTOSCALE") != "1":
             item.add_marker(skip_autoscale)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
