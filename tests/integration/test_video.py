@@ -328,7 +328,11 @@ def test_sessions_survive_a_video_sessions_replica_restart(video_url, clip):
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
         deadline = time.monotonic() + 120
         while True:
-            response = requests.get(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=30)
+            try:  # a request that reaches the replica while it restarts waits for it (model build, pool refill)
+                response = requests.get(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=30)
+            except requests.exceptions.ReadTimeout:
+                assert time.monotonic() < deadline, "the restarted VideoSessions replica never answered"
+                continue
             if response.status_code == 200:
                 break
             assert response.status_code in (500, 503, 504) and time.monotonic() < deadline, response.text
