@@ -238,14 +238,11 @@ class VideoSession:
 
     @property
     def _tracker_config(self):
-        """The config of the tracker that runs this session's propagation (text: the video model's own)."""
-        return (self.bundle.video.tracker_model if self.mode == "text" else self.bundle.video_tracker).config
+        return tracker_config(self.bundle, self.mode)
 
     @property
     def memory_window(self) -> int:
-        """How many frames back a forward step reads other frames' outputs: memories and object pointers."""
-        config = self._tracker_config
-        return max(int(config.num_maskmem), int(config.max_object_pointers_in_encoder))
+        return memory_window(self._tracker_config)
 
     def _default_start(self) -> int:
         if self.mode == "click":
@@ -375,6 +372,16 @@ class VideoSession:
         ids = list(out.object_ids)
         scores = out.object_score_logits.float().sigmoid().flatten().tolist()
         return FrameResult(out.frame_idx, self._objects(ids, out.pred_masks[:, 0], scores))
+
+
+def tracker_config(bundle, mode: str | None):
+    """The config of the tracker that runs a propagation or stream (text prompts: the video model's own)."""
+    return (bundle.video.tracker_model if mode == "text" else bundle.video_tracker).config
+
+
+def memory_window(config) -> int:
+    """How many frames back a forward step reads other frames' outputs: memories and object pointers."""
+    return max(int(config.num_maskmem), int(config.max_object_pointers_in_encoder))
 
 
 class _CapWarning(logging.Filter):

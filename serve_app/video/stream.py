@@ -21,6 +21,7 @@ from serve_app.image import postprocess as pp
 from serve_app.image.engine import ImageEngine
 from serve_app.image.geometry import validate_box_xyxy, validate_point
 from serve_app.image.imageio import ImageLoader
+from serve_app.video.session import memory_window, tracker_config
 
 Mode = Literal["text", "click"]
 FRAMES_KEPT = 1  # preprocessed frames held: the model reads only the frame it is on (the rest lives in its memories)
@@ -224,13 +225,11 @@ class VideoStream:
 
     @property
     def _tracker_config(self):
-        return (self.bundle.video.tracker_model if self.mode == "text" else self.bundle.video_tracker).config
+        return tracker_config(self.bundle, self.mode)
 
     @property
     def memory_window(self) -> int:
-        """How many frames back a forward step reads other frames' outputs: memories and object pointers."""
-        config = self._tracker_config
-        return max(int(config.num_maskmem), int(config.max_object_pointers_in_encoder))
+        return memory_window(self._tracker_config)
 
     def _bound(self, frame_idx: int) -> None:
         """Drop what the model, having tracked `frame_idx`, will never read again. Per frame the HF sessions store:
