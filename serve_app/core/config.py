@@ -37,10 +37,10 @@ class Config(BaseModel):
     video_max_decoded_bytes: int = Field(
         512 * 1024**2, ge=1024,
         description="Decoded RGB frames (frames × H × W × 3) one session holds in memory; a longer video is re-read "
-        "from its container as it is tracked; a list of image frames over it is refused.",
+        "from its container as it is tracked; a list of image frames over it stays encoded and is decoded as read.",
     )
     video_frame_cache_bytes: int = Field(
-        256 * 1024**2, ge=1024, description="Decoded frames a video re-read from its container keeps cached."
+        256 * 1024**2, ge=1024, description="Decoded frames a video re-read from its container (or kept encoded) keeps cached."
     )
 
     # URL fetching

@@ -27,7 +27,7 @@ from serve_app.core.security import UrlFetcher
 from serve_app.image.prompts import check_text
 from serve_app.image.service import SegmentService, get_service
 from serve_app.video.backend import VideoBackend, get_video_backend
-from serve_app.video.io import DEFAULT_FPS, VideoLimits, frames_from_images, probe_video, video_bytes_from_base64
+from serve_app.video.io import VideoLimits, check_frame_size, probe_video, video_bytes_from_base64
 
 MAX_FRAME_LIST = 2000
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -108,8 +108,26 @@ async def _create_args(request: Request, service: SegmentService) -> tuple:
     if data is not None:
         await asyncio.to_thread(probe_video, data, limits)
     else:
-        frames_from_images(frames, fps or DEFAULT_FPS, limits=limits)
+        await asyncio.to_thread(_check_frames, service, frames, limits)
     return data, frames, fps
+
+
+def _check_frames(service: SegmentService, frames: list[bytes], limits: VideoLimits) -> None:
+    """Every frame's header (size, format, the image routes' pixel limits), before any actor starts; the actor
+    decodes the frames. A frame whose header cannot tell its size is decoded here, and its pixels dropped."""
+    total = sum(len(f) for f in frames)
+    if total > limits.max_bytes:
+        raise PayloadTooLarge(f"frames are {total} bytes encoded, more than the limit of {limits.max_bytes} bytes "
+                              "for a video (SAM3_VIDEO_MAX_BYTES)")
+    first: tuple[int, int] | None = None
+    for i, data in enumerate(frames):
+        size = service.loader.probe(data) or service.loader.decode(data).shape[:2]
+        if first is None:
+            first = size
+            check_frame_size(size[1], size[0], limits)
+        elif size != first:
+            raise InvalidVideo(f"frame {i} is {size[1]}x{size[0]} but frame 0 is {first[1]}x{first[0]}: "
+                               "all frames of a video must share one size")
 
 
 async def _upload(request: Request, service: SegmentService) -> tuple:
@@ -129,7 +147,13 @@ async def _upload(request: Request, service: SegmentService) -> tuple:
     if len(body.frames) > service.config.video_max_frames:
         raise PayloadTooLarge(f"{len(body.frames)} frames; the limit is {service.config.video_max_frames} "
                               "(SAM3_VIDEO_MAX_FRAMES)")
-    frames = [(await service.load_pixels(f))[0] for f in body.frames]
+    frames, total, cap = [], 0, service.config.video_max_bytes
+    for source in body.frames:  # kept encoded: the session actor decodes them
+        frames.append(await service.loader.load_bytes(source))
+        total += len(frames[-1])
+        if total > cap:  # checked as they arrive: URL frames must not pile up past the video's own limit
+            raise PayloadTooLarge(f"frames are more than {cap} bytes encoded, the limit for a video "
+                                  "(SAM3_VIDEO_MAX_BYTES)")
     return None, frames, body.fps
 
 

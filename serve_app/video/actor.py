@@ -14,6 +14,7 @@ from serve_app.core.errors import BadRequest
 from serve_app.core.stats import rss_bytes
 from serve_app.image.codecs import rle_decode
 from serve_app.image.engine import ImageEngine
+from serve_app.image.imageio import ImageLoader
 from serve_app.image.models import load_bundle
 from serve_app.video.io import Video, VideoLimits, decode_video, frames_from_images, render_masks_video
 from serve_app.video.session import FrameResult, VideoSession
@@ -32,13 +33,15 @@ class SessionState:
         self.objects_rendered = 0  # most objects on one frame of the last render
         self.last_used = time.monotonic()
 
-    def load(self, data: bytes | None, frames: list[np.ndarray] | None, fps: float | None) -> dict:
+    def load(self, data: bytes | None, frames: list[np.ndarray] | list[bytes] | None, fps: float | None) -> dict:
+        """The session's video: container bytes, or frames (encoded images as the client sent them, or arrays)."""
         limits = VideoLimits.from_config(self.config)
         started = time.perf_counter()
         if data is not None:
             self.video = decode_video(data, limits)
         elif frames:
-            self.video = frames_from_images(frames, fps or 25.0, limits=limits)
+            decode = ImageLoader.from_config(self.config, None).decode  # the image routes' decode and checks
+            self.video = frames_from_images(frames, fps or 25.0, limits=limits, decode=decode)
         else:
             raise BadRequest("give a video (bytes, base64 or URL) or a list of frames")
         decoded = time.perf_counter()

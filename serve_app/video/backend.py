@@ -10,7 +10,9 @@ from serve_app.core.slots import Slot
 
 
 class VideoBackend(Protocol):
-    async def create(self, owner: str, data: bytes | None, frames: list[np.ndarray] | None, fps: float | None) -> dict: ...
+    async def create(
+        self, owner: str, data: bytes | None, frames: list[bytes] | list[np.ndarray] | None, fps: float | None
+    ) -> dict: ...
 
     async def call(self, session_id: str, owner: str, method: str, *args: Any) -> Any: ...
 

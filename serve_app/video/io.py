@@ -7,7 +7,7 @@ import functools
 import io
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -407,6 +407,11 @@ def _check_resolution(width: int, height: int, limits: VideoLimits) -> None:
         )
 
 
+def check_frame_size(width: int, height: int, limits: VideoLimits) -> None:
+    """A frame's size against the per-frame limits (pixels, longest side), as every decoded video is checked."""
+    _check_resolution(width, height, limits)
+
+
 def _check_decoded_bytes(frames: int, width: int, height: int, limits: VideoLimits) -> None:
     total = frames * width * height * 3
     if total > limits.max_decoded_bytes:
@@ -443,32 +448,121 @@ def _reason(exc: BaseException) -> str:
 
 
 def frames_from_images(
-    images: Sequence[np.ndarray], fps: float = DEFAULT_FPS, *, limits: VideoLimits | None = None
+    images: Sequence[np.ndarray] | Sequence[bytes], fps: float = DEFAULT_FPS, *, limits: VideoLimits | None = None,
+    decode: Callable[[bytes], np.ndarray] | None = None,
 ) -> Video:
-    """A Video from client frames (already decoded RGB images); all must share the first frame's size."""
+    """A Video from client frames, all of the first frame's size: decoded RGB arrays, or encoded images with the
+    `decode` that turns one into an (H, W, 3) uint8 array (ImageLoader.decode: the image routes' checks).
+
+    Encoded frames are decoded one at a time, each once, to check it; their pixels are kept while all of them fit
+    limits.max_decoded_bytes. More frames than that stay encoded (EncodedFrames, the client's own bytes, at most
+    limits.max_bytes in all) and are decoded again when the model reads them. Arrays over the budget are refused:
+    they are already decoded, in the caller's memory.
+    """
     if not images:
         raise InvalidVideo("a video needs at least one frame")
     if not (math.isfinite(fps) and 0.0 < fps <= _MAX_FPS):
         raise InvalidVideo(f"fps must be in (0, {_MAX_FPS:g}], got {fps}")
+    if limits is not None and len(images) > limits.max_frames:
+        raise _too_many_frames(f"{len(images)} frames", limits.max_frames)
+    if isinstance(images[0], (bytes, bytearray, memoryview)):
+        if decode is None:
+            raise TypeError("encoded frames need the decode function that reads them")
+        return _frames_from_encoded([bytes(b) for b in images], float(fps), limits or VideoLimits(), decode)
     first = np.asarray(images[0])
     if first.ndim != 3 or first.shape[2] != 3 or first.dtype != np.uint8:
         raise InvalidVideo(f"frame 0 must be an RGB uint8 image (H, W, 3), got {first.dtype} {first.shape}")
     height, width = first.shape[:2]
     if limits is not None:
-        if len(images) > limits.max_frames:
-            raise _too_many_frames(f"{len(images)} frames", limits.max_frames)
         _check_resolution(width, height, limits)
         _check_decoded_bytes(len(images), width, height, limits)
     frames = []
     for i, image in enumerate(images):
         arr = np.asarray(image)
-        if arr.shape != first.shape or arr.dtype != np.uint8:
-            raise InvalidVideo(
-                f"frame {i} is {arr.dtype} {tuple(arr.shape)} but frame 0 is uint8 {tuple(first.shape)}: "
-                "all frames of a video must share one size"
-            )
+        _check_same_shape(i, arr, first.shape)
         frames.append(np.ascontiguousarray(arr))
     return Video(frames=frames, fps=float(fps), width=int(width), height=int(height))
+
+
+def _check_same_shape(index: int, arr: np.ndarray, shape: tuple) -> None:
+    if arr.shape != shape or arr.dtype != np.uint8:
+        raise InvalidVideo(
+            f"frame {index} is {arr.dtype} {tuple(arr.shape)} but frame 0 is uint8 {tuple(shape)}: "
+            "all frames of a video must share one size"
+        )
+
+
+def _frames_from_encoded(
+    blobs: list[bytes], fps: float, limits: VideoLimits, decode: Callable[[bytes], np.ndarray]
+) -> Video:
+    total = sum(len(b) for b in blobs)
+    if total > limits.max_bytes:
+        raise PayloadTooLarge(
+            f"frames are {total} bytes encoded, more than the limit of {limits.max_bytes} bytes for a video "
+            "(SAM3_VIDEO_MAX_BYTES)"
+        )
+    held: list[np.ndarray] | None = []
+    shape: tuple | None = None
+    for i, blob in enumerate(blobs):
+        arr = decode(blob)
+        if shape is None:
+            if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+                raise InvalidVideo(f"frame 0 must decode to RGB uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
+            shape = arr.shape
+            _check_resolution(shape[1], shape[0], limits)
+        _check_same_shape(i, arr, shape)
+        if held is not None:
+            if (len(held) + 1) * arr.nbytes > limits.max_decoded_bytes:
+                held = None  # over the budget: from here on every frame is decoded again when it is read
+            else:
+                held.append(np.ascontiguousarray(arr))
+        del arr
+    assert shape is not None
+    height, width = int(shape[0]), int(shape[1])
+    if held is not None:
+        return Video(frames=held, fps=fps, width=width, height=height)
+    return Video(frames=EncodedFrames(blobs, shape, decode, limits.frame_cache_bytes), fps=fps, width=width,
+                 height=height)
+
+
+class EncodedFrames(Sequence):
+    """A video's frames kept as the encoded images the client sent, decoded when read; the most recently read ones
+    (up to cache_bytes of pixels) stay decoded. Each read gives the pixels the first decode gave (same decoder)."""
+
+    def __init__(self, blobs: list[bytes], shape: tuple, decode: Callable[[bytes], np.ndarray], cache_bytes: int):
+        self.blobs, self.shape, self.decode = blobs, tuple(shape), decode
+        self.capacity = max(2, cache_bytes // int(np.prod(self.shape)))
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.decoded = 0  # frames decoded again after the first check (for tests and the benchmark)
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"frame {index} of a {len(self)}-frame video")
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        frame = np.ascontiguousarray(self.decode(self.blobs[index]))
+        if frame.shape != self.shape:
+            raise InvalidVideo(f"frame {index} decoded to {frame.shape}, not {self.shape}")
+        self.decoded += 1
+        self._cache[index] = frame
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return frame
+
+    def close(self) -> None:
+        self._cache.clear()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": OrderedDict()}
 
 
 # ------------------------------------------------------------------ encoding

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -11,11 +13,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from serve_app.core.config import Config
 from serve_app.image.codecs import rle_decode
 from tests.integration.conftest import API_KEY, OTHER_KEY, deploy, undeploy
-from tests.videos import write_video
+from tests.videos import moving_frames, write_video
 
 H, W, FRAMES = 96, 128, 12
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -24,7 +27,9 @@ OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
 
 @pytest.fixture(scope="module")
 def video_url(serve_instance) -> Iterator[str]:
-    config = Config(api_keys=[API_KEY, OTHER_KEY], video_max_sessions=3, video_max_frames=60, web_ui=False)
+    # the clip's frames fit video_max_decoded_bytes; a longer list of image frames does not (test_image_frames...)
+    config = Config(api_keys=[API_KEY, OTHER_KEY], video_max_sessions=3, video_max_frames=60, web_ui=False,
+                    video_max_decoded_bytes=FRAMES * H * W * 3)
     yield deploy("video", config, serve_instance)
     undeploy("video")
 
@@ -238,6 +243,35 @@ def test_bad_videos(video_url, clip, make, status, code, words):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and all(w in error["message"] for w in words), error
+    assert requests.get(f"{video_url}/v1/stats", headers=AUTH, timeout=30).json()["video"]["open_sessions"] == 0
+
+
+def _png_b64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_image_frames_over_the_decoded_budget_are_served_from_their_encoded_bytes(video_url):
+    """A `frames` list whose pixels exceed SAM3_VIDEO_MAX_DECODED_BYTES opens (kept as the PNGs sent) and tracks
+    every frame; frames of two sizes, or one that is not an image, are refused before any session starts."""
+    images = moving_frames(2 * FRAMES, H, W)
+    body = {"frames": [_png_b64(i) for i in images], "fps": 10}
+    response = requests.post(f"{video_url}/v1/video/sessions", json=body, headers=AUTH, timeout=120)
+    assert response.status_code == 201, response.text
+    sid = response.json()["session_id"]
+    try:
+        assert (response.json()["num_frames"], response.json()["width"]) == (2 * FRAMES, W)
+        assert prompt(video_url, sid, {"frame_index": 0, "points": [[20, 20]], "object_id": 1}).status_code == 200
+        tracked = frames_of(propagate(video_url, sid))
+        assert [f["frame_index"] for f in tracked] == list(range(2 * FRAMES))
+    finally:
+        requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
+    odd = {"frames": [body["frames"][0], _png_b64(moving_frames(1, H, W + 2)[0])]}
+    bad = {"frames": [body["frames"][0], base64.b64encode(b"not an image").decode()]}
+    for payload, words in ((odd, "frame 1 is 130x96"), (bad, "image")):
+        response = requests.post(f"{video_url}/v1/video/sessions", json=payload, headers=AUTH, timeout=120)
+        assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
     assert requests.get(f"{video_url}/v1/stats", headers=AUTH, timeout=30).json()["video"]["open_sessions"] == 0
 
 

@@ -9,10 +9,12 @@ import av
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from serve_app.core.config import Config
-from serve_app.core.errors import BadRequest, InvalidVideo, PayloadTooLarge
+from serve_app.core.errors import BadRequest, InvalidImage, InvalidVideo, PayloadTooLarge
+from serve_app.image.imageio import ImageLoader
 from serve_app.video import io as vio
 from serve_app.video.io import (
     Video,
@@ -306,6 +308,38 @@ def test_frames_from_images_rejects_mismatched_sizes_naming_the_frame():
         frames_from_images([])
     with pytest.raises(PayloadTooLarge, match="limit of 1 frames"):
         frames_from_images(images[:2], limits=VideoLimits(max_frames=1))
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_encoded_frames_over_the_decoded_budget_stay_encoded_and_read_back_exactly():
+    """Client frames (PNG/JPEG bytes) past SAM3_VIDEO_MAX_DECODED_BYTES are kept as the client's bytes and decoded
+    again when read, in any order, to the pixels the first decode gave; under it they are held decoded."""
+    images = moving_frames(12, 30, 40)
+    blobs = [_png(i) for i in images]
+    loader = ImageLoader(10**7, 10**8, 1, None)
+    held = frames_from_images(blobs, fps=5, decode=loader.decode, limits=VideoLimits())
+    assert isinstance(held.frames, list) and all(np.array_equal(a, b) for a, b in zip(held.frames, images))
+    limits = VideoLimits(max_decoded_bytes=5 * 30 * 40 * 3, frame_cache_bytes=3 * 30 * 40 * 3)
+    lazy = frames_from_images(blobs, fps=5, decode=loader.decode, limits=limits)
+    assert isinstance(lazy.frames, vio.EncodedFrames)
+    assert (lazy.num_frames, lazy.height, lazy.width, lazy.fps) == (12, 30, 40, 5.0)
+    order = [*range(12), *range(11, -1, -1), 7, 3, 0]
+    assert all(np.array_equal(lazy.frames[i], images[i]) for i in order)
+    assert len(lazy.frames._cache) <= 3
+    with pytest.raises(PayloadTooLarge, match="SAM3_VIDEO_MAX_BYTES"):
+        frames_from_images(blobs, decode=loader.decode, limits=VideoLimits(max_bytes=sum(map(len, blobs)) - 1))
+    other = _png(moving_frames(1, 30, 42)[0])
+    with pytest.raises(InvalidVideo, match="frame 2 is uint8"):
+        frames_from_images([*blobs[:2], other], decode=loader.decode, limits=limits)
+    with pytest.raises(InvalidImage, match="could not decode image"):
+        frames_from_images([*blobs[:2], b"not an image"], decode=loader.decode, limits=limits)
+    with pytest.raises(PayloadTooLarge, match="SAM3_VIDEO_MAX_FRAME_PIXELS"):
+        frames_from_images(blobs, decode=loader.decode, limits=VideoLimits(max_pixels_per_frame=1000))
 
 
 # ------------------------------------------------------------------ encoding
