@@ -8,6 +8,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -100,6 +101,8 @@ class VideoSession:
         session.processed_frames = LazyFrames(self.frames, self.engine)
         if kind == "text":
             _count_dropped_detections(self.bundle.video)
+            _batch_prompt_detection(self.bundle.video)
+            session.sam3_batch_prompts = True  # one detector forward per frame for all the text prompts
             session.sam3_dropped = {}  # frame index -> detections dropped at the object cap, until reported
         return session
 
@@ -412,6 +415,59 @@ def _count_dropped_detections(model) -> None:
     model.run_tracker_update_planning_phase = counted
     model._sam3_counts_dropped = True
     logging.getLogger(type(model).__module__).addFilter(_CapWarning())
+
+
+def _batch_prompt_detection(model) -> None:
+    """Run the detector once per frame for all of a session's text prompts, not once per prompt.
+
+    Sam3VideoModel.run_detection loops over the prompts, each a full DETR encoder + decoder + mask head over the
+    same frame's features. Sessions that set `sam3_batch_prompts` on their inference session get one forward with
+    the prompts' text features stacked (each prompt's own, encoded once and cached as transformers caches them) and
+    the frame's vision features shared, then transformers' own per-prompt steps (presence, NMS, threshold) on each
+    row. Other inference sessions (the parity tests' references) keep transformers' loop. Wrapped once per model.
+    """
+    if getattr(model, "_sam3_batches_prompts", False):
+        return
+    from transformers.models.sam3_video.modeling_sam3_video import nms_masks
+
+    single = model.run_detection
+
+    def batched(inference_session, vision_embeds):
+        prompt_ids = list(inference_session.prompts.keys())
+        if len(prompt_ids) < 2 or not getattr(inference_session, "sam3_batch_prompts", False):
+            return single(inference_session=inference_session, vision_embeds=vision_embeds)
+        detector = model.detector_model
+        for prompt_id in prompt_ids:
+            if prompt_id not in inference_session.prompt_embeddings:
+                inference_session.prompt_embeddings[prompt_id] = detector.get_text_features(
+                    input_ids=inference_session.prompt_input_ids[prompt_id],
+                    attention_mask=inference_session.prompt_attention_masks[prompt_id],
+                    return_dict=True,
+                )
+        count = len(prompt_ids)
+        text = torch.cat([inference_session.prompt_embeddings[p].pooler_output for p in prompt_ids])
+        mask = torch.cat([inference_session.prompt_attention_masks[p] for p in prompt_ids])
+        shared = SimpleNamespace(
+            fpn_hidden_states=tuple(f.expand(count, *f.shape[1:]) for f in vision_embeds.fpn_hidden_states),
+            fpn_position_encoding=tuple(f.expand(count, *f.shape[1:]) for f in vision_embeds.fpn_position_encoding),
+            hidden_states=None, attentions=None,
+        )
+        out = detector(vision_embeds=shared, text_embeds=SimpleNamespace(pooler_output=text), attention_mask=mask)
+        detections = {}
+        for row, prompt_id in enumerate(prompt_ids):  # transformers' per-prompt steps, on this prompt's row
+            probs = out.pred_logits[row : row + 1].sigmoid() * out.presence_logits[row : row + 1].sigmoid()
+            masks, boxes = out.pred_masks[row : row + 1], out.pred_boxes[row : row + 1]
+            if model.det_nms_thresh > 0.0:
+                keep = nms_masks(pred_probs=probs[0], pred_masks=masks[0], prob_threshold=model.score_threshold_detection,
+                                 iou_threshold=model.det_nms_thresh)
+                probs[0][~keep] = 0.0
+            index = torch.where(probs > model.score_threshold_detection)
+            detections[prompt_id] = {"bbox": boxes[index[0], index[1]], "mask": masks[index[0], index[1]],
+                                     "scores": probs[index[0], index[1]]}
+        return detections
+
+    model.run_detection = batched
+    model._sam3_batches_prompts = True
 
 
 def _free() -> None:

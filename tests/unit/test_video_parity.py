@@ -75,7 +75,12 @@ def test_text_tracking_matches_sam3_video_model(engine, frames, texts):
     ours = VideoSession(engine, frames, 10.0)
     for text in texts:
         ours.add_text(text)
-    results = list(ours.propagate())
+    calls = []  # detector forwards: ours runs one per frame for all the prompts, transformers one per prompt
+    hook = engine.bundle.video.detector_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        results = list(ours.propagate())
+    finally:
+        hook.remove()
     got = {r.frame_index: {o["object_id"]: rle_decode(o["rle"]) for o in r.objects} for r in results}
     labels = {o["object_id"]: o["text"] for r in results for o in r.objects}
 
@@ -85,12 +90,15 @@ def test_text_tracking_matches_sam3_video_model(engine, frames, texts):
         prompt_id = hf.add_prompt(text)
         ids, mask = engine.bundle.tokenizer([text])
         hf.prompt_input_ids[prompt_id], hf.prompt_attention_masks[prompt_id] = ids, mask
-    expected = {}
+    expected, ours_calls = {}, len(calls)
+    hook = model.detector_model.register_forward_hook(lambda *a: calls.append(1))
     for out in model.propagate_in_video_iterator(hf):
         hidden = set(out.suppressed_obj_ids or ()) | set(hf.hotstart_removed_obj_ids)
         kept = [i for i in sorted(out.obj_id_to_mask) if i not in hidden]
         masks = _upsample(torch.cat([out.obj_id_to_mask[i] for i in kept])) if kept else []
         expected[out.frame_idx] = {i: m for i, m in zip(kept, masks) if m.any()}
+    hook.remove()
+    assert (ours_calls, len(calls) - ours_calls) == (T, T * len(texts)), "detector forwards (ours, transformers')"
     assert sorted(got) == sorted(expected) == list(range(T))
     for frame in range(T):
         assert got[frame].keys() == expected[frame].keys(), f"frame {frame}: objects differ"
