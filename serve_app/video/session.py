@@ -101,7 +101,7 @@ class VideoSession:
         session.processed_frames = LazyFrames(self.frames, self.engine)
         if kind == "text":
             _count_dropped_detections(self.bundle.video)
-            _batch_prompt_detection(self.bundle.video)
+            batch_prompt_detection(self.bundle.video)
             session.sam3_batch_prompts = True  # one detector forward per frame for all the text prompts
             session.sam3_dropped = {}  # frame index -> detections dropped at the object cap, until reported
         return session
@@ -417,7 +417,7 @@ def _count_dropped_detections(model) -> None:
     logging.getLogger(type(model).__module__).addFilter(_CapWarning())
 
 
-def _batch_prompt_detection(model) -> None:
+def batch_prompt_detection(model) -> None:
     """Run the detector once per frame for all of a session's text prompts, not once per prompt.
 
     Sam3VideoModel.run_detection loops over the prompts, each a full DETR encoder + decoder + mask head over the

@@ -21,7 +21,7 @@ from serve_app.image import postprocess as pp
 from serve_app.image.engine import ImageEngine
 from serve_app.image.geometry import validate_box_xyxy, validate_point
 from serve_app.image.imageio import ImageLoader
-from serve_app.video.session import memory_window, tracker_config
+from serve_app.video.session import batch_prompt_detection, memory_window, tracker_config
 
 Mode = Literal["text", "click"]
 FRAMES_KEPT = 1  # preprocessed frames held: the model reads only the frame it is on (the rest lives in its memories)
@@ -186,6 +186,8 @@ class VideoStream:
         session.processed_frames = FrameWindow()
         if self.mode == "text":
             self.bundle.video.max_num_objects = self.config.video_max_objects
+            batch_prompt_detection(self.bundle.video)
+            session.sam3_batch_prompts = True  # one detector forward per frame for all the texts
             for text in self.prompt.texts:
                 prompt_id = session.add_prompt(text)
                 if prompt_id not in session.prompt_input_ids:
