@@ -15,6 +15,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip_autoscale = pytest.mark.skip(
         reason="not yet passing on a 2-core CPU machine (the encoder does not scale out on tiny-random, "
         "docs/cluster.md): make test-autoscale (SAM3_TEST_AUTOSCALE=1) runs it")
+    _order_by_ray_use(items)
     for item in items:
         if item.get_closest_marker("autoscale") and os.environ.get("SAM3_TEST_AUTOSCALE") != "1":
             item.add_marker(skip_autoscale)
@@ -22,6 +23,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "maxima" in item.keywords and os.environ.get("SAM3_TEST_MAXIMA") != "1":
             item.add_marker(skip_maxima)
+
+
+def _order_by_ray_use(items: list[pytest.Item]) -> None:
+    """Modules that need no shared Ray cluster first (unit tests, tests that start their own clusters or services),
+    then those on the session's Serve instance, then those on its default app (which stays up to the end).
+
+    The session's cluster idles at about a third of a core per deployed app; started only once it is needed, it
+    no longer slows everything that ran after it. The order inside a module is kept, so module fixtures are built
+    once."""
+    rank: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        names = set(getattr(item, "fixturenames", ()))
+        rank[module] = max(rank.get(module, 0), 2 if "app_url" in names else 1 if "serve_instance" in names else 0)
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
 
 
 def _free_port() -> int:
