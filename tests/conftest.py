@@ -36,7 +36,8 @@ def _order_by_ray_use(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.nodeid.split("::")[0]
         names = set(getattr(item, "fixturenames", ()))
-        rank[module] = max(rank.get(module, 0), 2 if "app_url" in names else 1 if "serve_instance" in names else 0)
+        level = 3 if "app_url" in names else 2 if "providers_url" in names else 1 if "serve_instance" in names else 0
+        rank[module] = max(rank.get(module, 0), level)
     items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
 
 
