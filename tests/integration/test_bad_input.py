@@ -115,7 +115,7 @@ def test_png_declaring_20000x20000_pixels_is_refused_quickly(app_url: str) -> No
 @pytest.fixture(scope="module")
 def small_url(serve_instance: str) -> Iterator[str]:
     """One extra app with a 10 000-pixel image limit and a 100 kB body limit."""
-    yield deploy("smallpix", Config(max_image_pixels=10_000, max_request_bytes=100_000, web_ui=False), serve_instance)
+    yield deploy("smallpix", Config(max_image_pixels=10_000, max_request_bytes=100_000, web_ui=False, video_warm_sessions=0), serve_instance)
     undeploy("smallpix")
 
 

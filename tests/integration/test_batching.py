@@ -24,7 +24,8 @@ def _body(i: int) -> dict:
 @pytest.fixture(scope="module")
 def nocache_url(serve_instance) -> Iterator[str]:
     """The embedding cache off, so every request runs the encoder; a wide batch window."""
-    config = Config(encoder_max_batch_size=16, encoder_batch_wait_timeout_s=0.2, embedding_cache_entries=0, web_ui=False)
+    config = Config(encoder_max_batch_size=16, encoder_batch_wait_timeout_s=0.2, embedding_cache_entries=0, web_ui=False,
+                    video_warm_sessions=0)  # image-only module: no pooled session actor to start
     yield deploy("nocache", config, serve_instance)
     undeploy("nocache")
 

@@ -23,7 +23,8 @@ WINDOW_S = 20.0  # the encoder's batch window here: a request that waited for it
 
 @pytest.fixture(scope="module")
 def wide_window_url(serve_instance) -> Iterator[str]:
-    config = Config(encoder_batch_wait_timeout_s=WINDOW_S, encoder_max_batch_size=8, web_ui=False)
+    config = Config(encoder_batch_wait_timeout_s=WINDOW_S, encoder_max_batch_size=8, web_ui=False,
+                    video_warm_sessions=0)  # image-only module: no pooled session actor to start
     yield deploy("widewindow", config, serve_instance)
     undeploy("widewindow")
 
