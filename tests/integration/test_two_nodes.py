@@ -41,6 +41,7 @@ from tests.videos import write_video
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
 REQUEST_TIMEOUT_S = 15.0  # Config.request_timeout_s: past it the app answers 504
+JOBS = 12  # queued at the model node's death
 PROXY_TIMEOUT_S = REQUEST_TIMEOUT_S + 20  # Serve's proxy gives up later (408), so the app's own 504 is what comes back
 SLACK_S = 10.0  # how long past the request timeout a request may take on 2 busy cores before it counts as hung
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -323,22 +324,25 @@ def test_two_nodes_pinned_models_and_a_dead_node(image_server, tmp_path):
         stop, results = threading.Event(), []
         clients = [threading.Thread(target=_load, args=(url, 10_000 * (i + 1), stop, results), daemon=True)
                    for i in range(3)]
-        for client in clients:
-            client.start()
-        jobs = [_enqueue(url, image_server, 20 + i) for i in range(6)]
-        time.sleep(1.0)
-        raylet, node = _node_procs(temp_dir, worker_port)
-        assert raylet is not None, "the model node's raylet is not running"
-        at_kill = {gen_id: (_job(url, gen_id) or {}).get("status") for gen_id in jobs}
-        killed_at = time.monotonic()
-        raylet.send_signal(signal.SIGKILL)
-        _kill(node)  # its agents and workers too: the machine is gone
-        print(f"killed the model node ({len(node)} processes); jobs then: {sorted(at_kill.values())}")
-        assert any(s in ("queued", "running") for s in at_kill.values()), at_kill
-        time.sleep(REQUEST_TIMEOUT_S + SLACK_S)  # the node stays down past a whole request timeout
-        stop.set()
-        for client in clients:
-            client.join(PROXY_TIMEOUT_S + 40)
+        try:  # the clients stop whatever happens: left running they would load the rest of the suite
+            for client in clients:
+                client.start()
+            time.sleep(1.0)  # image requests in flight
+            raylet, node = _node_procs(temp_dir, worker_port)
+            assert raylet is not None, "the model node's raylet is not running"
+            # enough jobs that the queue is still busy at the kill, however fast this machine runs them
+            jobs = [_enqueue(url, image_server, 20 + i) for i in range(JOBS)]
+            killed_at = time.monotonic()
+            raylet.send_signal(signal.SIGKILL)
+            _kill(node)  # its agents and workers too: the machine is gone
+            at_kill = {gen_id: (_job(url, gen_id) or {}).get("status") for gen_id in jobs}
+            print(f"killed the model node ({len(node)} processes); jobs then: {sorted(map(str, at_kill.values()))}")
+            assert any(s in ("queued", "running") for s in at_kill.values()), at_kill
+            time.sleep(REQUEST_TIMEOUT_S + SLACK_S)  # the node stays down past a whole request timeout
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(PROXY_TIMEOUT_S + 40)
         assert not any(c.is_alive() for c in clients), "a client is still waiting for an answer"
         after = [(max(began, killed_at), ended, code, body) for began, ended, code, body in results
                  if ended >= killed_at]
