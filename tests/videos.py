@@ -61,6 +61,42 @@ def write_long_video(frames: int, height: int, width: int, fps: int = 30) -> byt
     return buffer.getvalue()
 
 
+def write_noisy_video(max_bytes: int, height: int, width: int, fps: int = 30) -> bytes:
+    """An mp4 as close under `max_bytes` as whole frames allow: moving shapes under per-frame noise, encoded near
+    losslessly (libx264 qp 0, or MPEG-4 Part 2 at qscale 1), so the file is as large as a client's video can be."""
+    codec = pick_codec("mp4")
+    if codec is None:
+        raise RuntimeError("no encoder available for mp4")
+    rng = np.random.default_rng(0)
+    frames: list[np.ndarray] = []  # each frame's noise
+
+    def encode(count: int) -> bytes:
+        buffer = io.BytesIO()
+        with av.open(buffer, mode="w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            if codec == "libx264":
+                stream.options = {"preset": "ultrafast", "qp": "0"}
+            else:
+                stream.codec_context.qscale = 1
+                stream.codec_context.flags |= "QSCALE"
+            for img, noise in zip(iter_moving_frames(count, height, width), frames):
+                pixels = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            container.mux(stream.encode(None))
+        return buffer.getvalue()
+
+    frames.append(rng.integers(-40, 40, (height, width, 3), dtype=np.int16))
+    one = len(encode(1))
+    count = max(1, int(max_bytes * 0.97) // one)
+    frames.extend(rng.integers(-40, 40, (height, width, 3), dtype=np.int16) for _ in range(count - 1))
+    data = encode(count)
+    while len(data) > max_bytes and count > 1:
+        count -= max(1, count // 20)
+        data = encode(count)
+    return data
+
+
 def pick_codec(fmt: str) -> str | None:
     """The first encoder available for the container format, or None (tests skip on None)."""
     for name in FORMATS[fmt][1]:
