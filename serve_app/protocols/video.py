@@ -27,7 +27,7 @@ from serve_app.core.security import UrlFetcher
 from serve_app.image.prompts import check_text
 from serve_app.image.service import SegmentService, get_service
 from serve_app.video.backend import VideoBackend, get_video_backend
-from serve_app.video.io import VideoLimits, check_frame_size, probe_video, video_bytes_from_base64
+from serve_app.video.io import VideoLimits, check_resolution, probe_video, video_bytes_from_base64
 
 MAX_FRAME_LIST = 2000
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -114,17 +114,14 @@ async def _create_args(request: Request, service: SegmentService) -> tuple:
 
 def _check_frames(service: SegmentService, frames: list[bytes], limits: VideoLimits) -> None:
     """Every frame's header (size, format, the image routes' pixel limits), before any actor starts; the actor
-    decodes the frames. A frame whose header cannot tell its size is decoded here, and its pixels dropped."""
-    total = sum(len(f) for f in frames)
-    if total > limits.max_bytes:
-        raise PayloadTooLarge(f"frames are {total} bytes encoded, more than the limit of {limits.max_bytes} bytes "
-                              "for a video (SAM3_VIDEO_MAX_BYTES)")
+    decodes the frames. A frame whose header cannot tell its size is decoded here, and its pixels dropped. Their
+    encoded total was counted as they arrived (`_upload`)."""
     first: tuple[int, int] | None = None
     for i, data in enumerate(frames):
         size = service.loader.probe(data) or service.loader.decode(data).shape[:2]
         if first is None:
             first = size
-            check_frame_size(size[1], size[0], limits)
+            check_resolution(size[1], size[0], limits)
         elif size != first:
             raise InvalidVideo(f"frame {i} is {size[1]}x{size[0]} but frame 0 is {first[1]}x{first[0]}: "
                                "all frames of a video must share one size")

@@ -137,7 +137,7 @@ def probe_video(data: bytes, limits: VideoLimits) -> None:
             raise InvalidVideo(f"video has no decodable frame ({_reason(exc)})") from None
         if first is None:
             raise InvalidVideo("video has no decodable frames (empty, truncated or corrupt)")
-        _check_resolution(first.width, first.height, limits)
+        check_resolution(first.width, first.height, limits)
     finally:
         container.close()
 
@@ -166,7 +166,7 @@ def _check_header(container: Any, stream: Any, limits: VideoLimits, cap: int) ->
     """Reject on declared values alone: nothing has been decoded yet."""
     width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
     if width and height:
-        _check_resolution(width, height, limits)
+        check_resolution(width, height, limits)
     declared_s = _declared_duration(container, stream)
     if declared_s is not None and declared_s > limits.max_duration_s:
         raise _too_long(declared_s, limits.max_duration_s)
@@ -195,7 +195,7 @@ def _decode_frames(container: Any, stream: Any, limits: VideoLimits, cap: int, d
         for frame in container.decode(stream):
             if len(stamps) >= cap:
                 raise _too_many_frames(f"more than {cap} frames", cap)
-            _check_resolution(frame.width, frame.height, limits)
+            check_resolution(frame.width, frame.height, limits)
             if size is None:
                 size, turns = (frame.width, frame.height), _quarter_turns(frame)
                 if declared * size[0] * size[1] * 3 > limits.max_decoded_bytes:
@@ -227,7 +227,37 @@ def _decode_frames(container: Any, stream: Any, limits: VideoLimits, cap: int, d
     return Video(frames=frames, fps=fps, width=width, height=height)
 
 
-class ContainerFrames(Sequence):
+class _FramesOnDemand(Sequence):
+    """Frames decoded when read, the last `capacity` read kept decoded: indexing (slices, negative indices, range
+    checks) and the cache; a subclass decodes a frame that is not cached (`_miss`)."""
+
+    capacity: int
+    _cache: OrderedDict[int, np.ndarray]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"frame {index} of a {len(self)}-frame video")
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        return self._miss(index)
+
+    def _miss(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _keep(self, index: int, frame: np.ndarray) -> None:
+        self._cache[index] = frame
+        self._cache.move_to_end(index)
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+
+
+class ContainerFrames(_FramesOnDemand):
     """A video's frames read back from its container bytes when asked for, a bounded number kept decoded.
 
     Reading in order (forward propagation, rendering) decodes each frame once. Any other read seeks to the last
@@ -256,17 +286,7 @@ class ContainerFrames(Sequence):
     def __len__(self) -> int:
         return len(self.stamps)
 
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"frame {index} of a {len(self)}-frame video")
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
+    def _miss(self, index: int) -> np.ndarray:
         if self._frames is None or self._next is None or not 0 <= index - self._next < self.capacity:
             self._restart(index)
         frame = self._read_to(index)
@@ -309,10 +329,7 @@ class ContainerFrames(Sequence):
                 if current > index:
                     return None
                 if current >= keep_from:
-                    self._cache[current] = _frame_to_rgb(frame, self.size, self.turns, self._reformatter)
-                    self._cache.move_to_end(current)
-                    while len(self._cache) > self.capacity:
-                        self._cache.popitem(last=False)
+                    self._keep(current, _frame_to_rgb(frame, self.size, self.turns, self._reformatter))
                 if current == index:
                     return self._cache[index]
         except _DECODE_ERRORS as exc:
@@ -392,7 +409,7 @@ def _check_not_truncated(container: Any, stream: Any, decoded: int, covered_s: f
         )
 
 
-def _check_resolution(width: int, height: int, limits: VideoLimits) -> None:
+def check_resolution(width: int, height: int, limits: VideoLimits) -> None:
     if width < 1 or height < 1:
         raise InvalidVideo(f"video frames are {width}x{height} pixels")
     if width * height > limits.max_pixels_per_frame:
@@ -405,11 +422,6 @@ def _check_resolution(width: int, height: int, limits: VideoLimits) -> None:
             f"video frames are {width}x{height}, a side longer than the limit of {limits.max_side} pixels "
             "(SAM3_VIDEO_MAX_SIDE)"
         )
-
-
-def check_frame_size(width: int, height: int, limits: VideoLimits) -> None:
-    """A frame's size against the per-frame limits (pixels, longest side), as every decoded video is checked."""
-    _check_resolution(width, height, limits)
 
 
 def _check_decoded_bytes(frames: int, width: int, height: int, limits: VideoLimits) -> None:
@@ -474,7 +486,7 @@ def frames_from_images(
         raise InvalidVideo(f"frame 0 must be an RGB uint8 image (H, W, 3), got {first.dtype} {first.shape}")
     height, width = first.shape[:2]
     if limits is not None:
-        _check_resolution(width, height, limits)
+        check_resolution(width, height, limits)
         _check_decoded_bytes(len(images), width, height, limits)
     frames = []
     for i, image in enumerate(images):
@@ -509,7 +521,7 @@ def _frames_from_encoded(
             if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
                 raise InvalidVideo(f"frame 0 must decode to RGB uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
             shape = arr.shape
-            _check_resolution(shape[1], shape[0], limits)
+            check_resolution(shape[1], shape[0], limits)
         _check_same_shape(i, arr, shape)
         if held is not None:
             if (len(held) + 1) * arr.nbytes > limits.max_decoded_bytes:
@@ -525,7 +537,7 @@ def _frames_from_encoded(
                  height=height)
 
 
-class EncodedFrames(Sequence):
+class EncodedFrames(_FramesOnDemand):
     """A video's frames kept as the encoded images the client sent, decoded when read; the most recently read ones
     (up to cache_bytes of pixels) stay decoded. Each read gives the pixels the first decode gave (same decoder)."""
 
@@ -538,24 +550,12 @@ class EncodedFrames(Sequence):
     def __len__(self) -> int:
         return len(self.blobs)
 
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"frame {index} of a {len(self)}-frame video")
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
+    def _miss(self, index: int) -> np.ndarray:
         frame = np.ascontiguousarray(self.decode(self.blobs[index]))
         if frame.shape != self.shape:
             raise InvalidVideo(f"frame {index} decoded to {frame.shape}, not {self.shape}")
         self.decoded += 1
-        self._cache[index] = frame
-        while len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
+        self._keep(index, frame)
         return frame
 
     def close(self) -> None:
