@@ -269,7 +269,9 @@ def test_image_frames_over_the_decoded_budget_are_served_from_their_encoded_byte
         requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
     odd = {"frames": [body["frames"][0], _png_b64(moving_frames(1, H, W + 2)[0])]}
     bad = {"frames": [body["frames"][0], base64.b64encode(b"not an image").decode()]}
-    for payload, words in ((odd, "frame 1 is 130x96"), (bad, "image")):
+    png = base64.b64decode(body["frames"][1])  # its header is whole, its pixels cut: found by the actor's decode
+    cut = {"frames": [body["frames"][0], base64.b64encode(png[: len(png) // 2]).decode()]}
+    for payload, words in ((odd, "frame 1 is 130x96"), (bad, "image"), (cut, "truncated")):
         response = requests.post(f"{video_url}/v1/video/sessions", json=payload, headers=AUTH, timeout=120)
         assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
     assert requests.get(f"{video_url}/v1/stats", headers=AUTH, timeout=30).json()["video"]["open_sessions"] == 0
