@@ -46,7 +46,7 @@ test-maxima: $(STAMP)
 
 # The Locust autoscaling load test (~4 min): not in make test yet, it does not pass on 2 cores (docs/cluster.md).
 test-autoscale: $(STAMP)
-	SAM3_TEST_AUTOSCALE=1 $(PY) -m pytest -q -s -p no:cacheprovider -m autoscale tests
+	$(PY) -m pytest -q -s -p no:cacheprovider -m autoscale tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -20,7 +20,8 @@ def _scaling(config: Config, replicas: int) -> dict:
         return {"autoscaling_config": {"min_replicas": 1, "max_replicas": config.autoscale_max_replicas,
                                        "target_ongoing_requests": config.autoscale_target_ongoing_requests,
                                        "upscale_delay_s": config.autoscale_upscale_delay_s,
-                                       "downscale_delay_s": config.autoscale_downscale_delay_s}}
+                                       "downscale_delay_s": config.autoscale_downscale_delay_s,
+                                       "look_back_period_s": config.autoscale_look_back_period_s}}
     return {"num_replicas": replicas}
 
 

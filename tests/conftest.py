@@ -12,13 +12,8 @@ import torch
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_maxima = pytest.mark.skip(reason="many minutes of CPU: make test-maxima (SAM3_TEST_MAXIMA=1) runs it")
-    skip_autoscale = pytest.mark.skip(
-        reason="not yet passing on a 2-core CPU machine (the encoder does not scale out on tiny-random, "
-        "docs/cluster.md): make test-autoscale (SAM3_TEST_AUTOSCALE=1) runs it")
     _order_by_ray_use(items)
     for item in items:
-        if item.get_closest_marker("autoscale") and os.environ.get("SAM3_TEST_AUTOSCALE") != "1":
-            item.add_marker(skip_autoscale)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         if "maxima" in item.keywords and os.environ.get("SAM3_TEST_MAXIMA") != "1":

@@ -148,6 +148,9 @@ class Config(BaseModel):
     autoscale_downscale_delay_s: float = Field(
         600.0, ge=0, description="Load must stay low this long before a replica is removed."
     )
+    autoscale_look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which the autoscaler averages each deployment's ongoing requests."
+    )
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait on the graph.")
 
     # Shared state (docs/architecture.md says what lives where)
