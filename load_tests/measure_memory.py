@@ -32,9 +32,23 @@ def _rss() -> int:
     return 0
 
 
+def _trim() -> None:
+    """Give the heap's free pages back to the system (glibc `malloc_trim`). Without it a step's tensors can reuse
+    pages the model build freed but the allocator kept (converting float32 weights to bfloat16 frees half of
+    them), and the step's peak would not show in the RSS at all."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
     """Reset this process' peak RSS (VmHWM) to its current RSS (Linux: `5` to /proc/self/clear_refs), so a step's
-    peak is not hidden under the (higher) transient peak of building the model; False where that is not possible."""
+    peak is not hidden under the (higher) transient peak of building the model; False where that is not possible.
+    The heap is trimmed first, so the step's allocations raise the RSS instead of reusing kept pages."""
+    _trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -78,6 +92,7 @@ def measure(dtype: str, batch: int, backbone_layers: int = 0) -> dict:
     t0 = time.perf_counter()
     bundle = load_bundle(Config(model="full-random", device="cpu", dtype=dtype))
     load_s = time.perf_counter() - t0
+    _trim()
     loaded = _rss()
     engine = ImageEngine(bundle)
     det = bundle.detector
