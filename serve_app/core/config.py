@@ -27,6 +27,10 @@ class Config(BaseModel):
     max_image_pixels: int = Field(40_000_000, ge=4, description="Largest decoded image (width × height).")
     min_image_side: int = Field(2, ge=1, description="Smallest accepted width or height.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body.")
+    ingress_max_inflight_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1024, description="Request bodies one ingress replica holds at once, all requests "
+        "together; past it a request gets 429 with Retry-After (a lone request is always let in, up to its own limit)."
+    )
 
     # Video limits (checked from the container header before decoding where it declares them)
     video_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest encoded video accepted.")

@@ -18,7 +18,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.core.auth import Authenticator, bearer
 from serve_app.core.config import Config
-from serve_app.core.errors import BadRequest, NotFound, PayloadTooLarge, Sam3Error, Unauthorized, ValidationFailed
+from serve_app.core.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    Sam3Error,
+    TooManyRequests,
+    Unauthorized,
+    ValidationFailed,
+)
 from serve_app.core.stats import release_memory
 
 logger = logging.getLogger(__name__)
@@ -208,6 +216,48 @@ class _TooLarge(Exception):
     """Raised from `receive` once a body passes its limit; the gate answers 413 in the route's shape."""
 
 
+class _Busy(Exception):
+    """Raised from `receive` when a body's next chunk would pass the replica's in-flight budget: 429."""
+
+
+RETRY_AFTER_S = 1  # what a 429 for a full in-flight budget tells the client to wait
+
+
+class InflightBudget:
+    """Bytes of request bodies one replica holds at once (SAM3_INGRESS_MAX_INFLIGHT_BYTES).
+
+    A request reserves its Content-Length before a byte is read, and a chunked one reserves each chunk as it
+    arrives; the reservation ends with the request. A reservation that would pass the budget while other requests
+    hold some of it is refused (429 with Retry-After); one with the replica to itself always gets in, so a
+    request at its own limit is never refused on an idle replica. Memory for bodies is then at most
+    max(budget, one request's limit). The gate and the routes run on one event loop: no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.refused = 0
+
+    def reserve(self, size: int, limit: int, mine: int = 0) -> bool:
+        """Reserve `size` more bytes for a request that holds `mine` already; False (counted) if over `limit`."""
+        if size <= 0:
+            return True
+        if self.held - mine > 0 and self.held + size > limit:
+            self.refused += 1
+            return False
+        self.held += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
+def busy(budget: InflightBudget, size: str, limit: int) -> TooManyRequests:
+    return TooManyRequests(
+        f"the service is busy: this replica holds {budget.held} bytes of request bodies in flight and this request "
+        f"brings {size} more; the limit is {limit} (SAM3_INGRESS_MAX_INFLIGHT_BYTES). Retry in {RETRY_AFTER_S} s."
+    )
+
+
 class Gate:
     """Pure ASGI middleware in front of every route: the key first, then the body limit while the body is read.
 
@@ -221,6 +271,7 @@ class Gate:
         self.app = app
         self.config = config
         self._auth: tuple[tuple[str, ...], Authenticator] | None = None
+        self.inflight = InflightBudget()
 
     def _authenticator(self, config: Config) -> Authenticator:
         keys = tuple(config.api_keys)
@@ -241,64 +292,95 @@ class Gate:
             return PayloadTooLarge(f"request body is {size} bytes; the limit is {max_bytes} ({knob})")
 
         length = headers.get("content-length")
-        if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-            await self._answer(path, too_large(str(int(length))), scope, receive, send)
+        declared = int(length) if length is not None and length.strip().isdigit() else None
+        if declared is not None and declared > max_bytes:
+            await self._answer(path, too_large(str(declared)), scope, receive, send)
             return
-        received = 0
+        budget, limit = self.inflight, config.ingress_max_inflight_bytes
+        received = reserved = 0
 
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, reserved
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > max_bytes:
                     raise _TooLarge
+                if received > reserved:  # a chunked body (or one longer than it said) reserves as it arrives
+                    if not budget.reserve(received - reserved, limit, mine=reserved):
+                        raise _Busy
+                    reserved = received
             return message
 
-        rule = key_rule(path)
-        auth = self._authenticator(config)
-        if rule is not None and auth.enabled:
-            key = _header_key(rule, headers, QueryParams(scope.get("query_string", b"")))
-            inner_receive = limited
-            if key is None and any(t.startswith("body:") for t in rule.transports):
-                try:
-                    body = await _read_all(limited)
-                except _TooLarge:
-                    await self._answer(path, too_large(f"more than {max_bytes}"), scope, receive, send)
-                    return
-                key, inner_receive = _body_key(rule, body), _replay(body, receive)
-            try:
-                auth.tenant(key, rule.how)
-            except Unauthorized as exc:
-                await self._answer(path, exc, scope, receive, send)
-                return
-        else:
-            inner_receive = limited
+        def admit() -> bool:
+            """Reserve the declared body before reading it; False: the budget is full (the caller answers 429)."""
+            nonlocal reserved
+            if declared and budget.reserve(declared, limit):
+                reserved = declared
+            return not declared or reserved == declared
+
         try:
-            await self._run(path, scope, inner_receive, send, too_large, max_bytes)
+            rule = key_rule(path)
+            auth = self._authenticator(config)
+            if rule is not None and auth.enabled:
+                key = _header_key(rule, headers, QueryParams(scope.get("query_string", b"")))
+                inner_receive = limited
+                if key is None and any(t.startswith("body:") for t in rule.transports):
+                    # the key is in the body: it must be read (within both limits) before the key is known
+                    if not admit():
+                        await self._busy(path, budget, str(declared), limit, scope, receive, send)
+                        return
+                    try:
+                        body = await _read_all(limited)
+                    except _TooLarge:
+                        await self._answer(path, too_large(f"more than {max_bytes}"), scope, receive, send)
+                        return
+                    except _Busy:
+                        await self._busy(path, budget, f"at least {received}", limit, scope, receive, send)
+                        return
+                    key, inner_receive = _body_key(rule, body), _replay(body, receive)
+                try:
+                    auth.tenant(key, rule.how)
+                except Unauthorized as exc:
+                    await self._answer(path, exc, scope, receive, send)
+                    return
+            else:
+                inner_receive = limited
+            if not reserved and not admit():  # keys first: only a request with a valid key gets this far
+                await self._busy(path, budget, str(declared), limit, scope, receive, send)
+                return
+            refused = lambda: busy(budget, f"at least {received}", limit)  # noqa: E731
+            await self._run(path, scope, inner_receive, send, too_large, max_bytes, refused)
         finally:
+            budget.release(reserved)
             if received > TRIM_AFTER_BYTES:
                 # A refused or failed request's body can sit in a reference cycle (exception -> traceback -> frame)
                 # until the collector's next full pass: free it now, then give the heap back to the OS.
                 gc.collect()
                 release_memory()
 
-    async def _run(self, path, scope, receive, send, too_large, max_bytes) -> None:
-        """Run the route; if its body read passed the limit, its answer (whatever it made of the error) is a 413."""
-        state = {"over": False, "started": False}
+    async def _run(self, path, scope, receive, send, too_large, max_bytes, refused) -> None:
+        """Run the route; if its body read passed the size limit or the in-flight budget, its answer (whatever it
+        made of the error) is the 413 or the 429."""
+        state: dict = {"error": None, "started": False}
 
         async def guarded_receive() -> Message:
             try:
                 return await receive()
             except _TooLarge:
-                state["over"] = True
-                raise PayloadTooLarge(too_large(f"more than {max_bytes}").message) from None
+                state["error"] = too_large(f"more than {max_bytes}")
+            except _Busy:
+                state["error"] = refused()
+            raise type(state["error"])(state["error"].message)
+
+        async def answer_error() -> None:
+            state["started"] = True
+            await _error_with_retry(path, state["error"])(scope, _closed, send)
 
         async def guarded_send(message: Message) -> None:
-            if state["over"]:
+            if state["error"] is not None:
                 if not state["started"]:
-                    state["started"] = True
-                    await error_response(path, too_large(f"more than {max_bytes}"))(scope, _closed, send)
+                    await answer_error()
                 return
             state["started"] = state["started"] or message["type"] == "http.response.start"
             await send(message)
@@ -306,13 +388,24 @@ class Gate:
         try:
             await self.app(scope, guarded_receive, guarded_send)
         except Exception:
-            if not state["over"] or state["started"]:
+            if state["error"] is None or state["started"]:
                 raise
-            state["started"] = True
-            await error_response(path, too_large(f"more than {max_bytes}"))(scope, _closed, send)
+            await answer_error()
 
     async def _answer(self, path: str, exc: Sam3Error, scope: Scope, receive: Receive, send: Send) -> None:
         await error_response(path, exc)(scope, receive, send)
+
+    async def _busy(self, path, budget, size, limit, scope, receive, send) -> None:
+        logger.warning("429 %s: %s bytes of request bodies in flight, limit %s", path, budget.held, limit)
+        await _error_with_retry(path, busy(budget, size, limit))(scope, receive, send)
+
+
+def _error_with_retry(path: str, exc: Sam3Error) -> JSONResponse:
+    """The route's error shape; a 429 says when to come back."""
+    response = error_response(path, exc)
+    if exc.status_code == 429:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 async def _read_all(receive: Receive) -> bytes:

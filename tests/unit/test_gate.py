@@ -178,3 +178,98 @@ def test_every_provider_route_is_keyed():
         assert key_rule(path) is None, path
     assert key_rule("/v1/sam3-image").transports == ("header:x-api-key",)
     assert json.dumps(key_rule("/sam3/visual_segment").transports) == '["bearer", "query:api_key", "body:api_key"]'
+
+
+# ---------------------------------------------------------------- the in-flight budget (SAM3_INGRESS_MAX_INFLIGHT_BYTES)
+
+BUDGET = 100_000
+
+
+def _held_app(config: Config):
+    """The gate's app plus a route that holds its request (and the body's reservation) until released."""
+    from serve_app.core.http import Gate
+
+    app, seen = _app(config)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    @app.post("/gt-header/hold")
+    async def hold(request: Request) -> dict:
+        data = await request.body()
+        entered.set()
+        await release.wait()
+        return {"bytes": len(data)}
+
+    @app.post("/gt-header/boom")
+    async def boom(request: Request) -> dict:
+        await request.body()
+        raise RuntimeError("the route failed after reading its body")
+
+    def budget():
+        stack = app.middleware_stack
+        while not isinstance(stack, Gate):
+            stack = stack.app
+        return stack.inflight
+
+    return app, entered, release, budget
+
+
+def _concurrently(app, first: dict, then: list[dict], entered: asyncio.Event, release: asyncio.Event):
+    """Send `first` (to /gt-header/hold), wait until it holds its body, send `then` one by one, then release it."""
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gate") as client:
+            held = asyncio.create_task(client.request("POST", "/gt-header/hold", **first))
+            await asyncio.wait_for(entered.wait(), 10)
+            answers = [await client.request(r.pop("method", "POST"), r.pop("path"), **r) for r in then]
+            release.set()
+            return await held, answers
+
+    return asyncio.run(go())
+
+
+def test_a_request_past_the_in_flight_budget_is_429_in_its_providers_shape_with_retry_after():
+    app, entered, release, budget = _held_app(Config(api_keys=[KEY], max_request_bytes=LIMIT * 4,
+                                                     ingress_max_inflight_bytes=BUDGET))
+    key = {"x-api-key": KEY}
+    first, answers = _concurrently(app, {"content": b"a" * 60_000, "headers": key}, [
+        {"path": "/gt-header/raw", "content": b"b" * 50_000, "headers": key},        # 60 + 50 kB > 100 kB: 429
+        {"path": "/gt-header/raw", "content": b"c" * 30_000, "headers": key},        # 60 + 30 kB fits: 200
+        {"path": "/gt-header/raw", "content": b"d" * 50_000},                         # no key: 401 before the budget
+        {"path": "/gt-flat/model", "content": b"e" * 50_000, "params": {"api_key": KEY}},  # provider's shape
+        {"path": "/gt-header/raw", "content": _chunks(50_000), "headers": key},      # chunked: 429 while reading
+    ], entered, release)
+    assert first.status_code == 200 and first.json() == {"bytes": 60_000}
+    over, fits, unkeyed, flat, chunked = answers
+    assert over.status_code == 429, over.text
+    assert over.headers["retry-after"] == "1"
+    error = over.json()["error"]
+    assert error["code"] == "rate_limited" and "SAM3_INGRESS_MAX_INFLIGHT_BYTES" in error["message"]
+    assert "60000 bytes" in error["message"] and "50000 more" in error["message"]
+    assert fits.status_code == 200 and fits.json() == {"bytes": 30_000}
+    assert unkeyed.status_code == 401
+    assert flat.status_code == 429 and "SAM3_INGRESS_MAX_INFLIGHT_BYTES" in flat.json()["message"]
+    assert chunked.status_code == 429 and chunked.headers["retry-after"] == "1", chunked.text
+    assert budget().held == 0 and budget().refused == 3
+
+
+def test_a_lone_request_larger_than_the_budget_gets_in_and_every_end_releases_its_reservation():
+    app, entered, release, budget = _held_app(Config(api_keys=[KEY], max_request_bytes=LIMIT * 4,
+                                                     ingress_max_inflight_bytes=BUDGET // 10))
+    key = {"x-api-key": KEY}
+    big = LIMIT * 3  # over the budget, under the request limit: alone on the replica, it is served
+    r = _call(app, "POST", "/gt-header/raw", content=b"x" * big, headers=key)
+    assert r.status_code == 200 and r.json() == {"bytes": big}
+    r = _call(app, "POST", "/gt-header/raw", content=_chunks(big), headers=key)
+    assert r.status_code == 200 and r.json() == {"bytes": big}
+    for request in ({"content": b"x" * (LIMIT * 4 + 1)}, {"content": _chunks(LIMIT * 4 + 1)},  # 413s
+                    {"content": b"{", "path": "/gt-header/model"}):                             # 422
+        path = request.pop("path", "/gt-header/raw")
+        assert _call(app, "POST", path, headers=key, **request).status_code in (413, 422)
+    with pytest.raises(RuntimeError):
+        _call(app, "POST", "/gt-header/boom", content=b"y" * 5_000, headers=key)
+    assert budget().held == 0
+    first, (second,) = _concurrently(app, {"content": b"z" * 5_000, "headers": key},
+                                     [{"path": "/gt-header/raw", "content": b"w" * 6_000, "headers": key}],
+                                     entered, release)
+    assert first.status_code == 200 and second.status_code == 429
+    assert budget().held == 0
