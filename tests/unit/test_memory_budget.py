@@ -492,7 +492,9 @@ def test_oxen_render_of_a_long_video_fits_the_budget():
     report = _run("render", timeout=7200, frames=120, height=1080, width=1920, max_objects=4)
     assert report["frames_propagated"] == 120
     second, third, last = report["peak_by_quarter_mib"][1:]
-    assert last <= max(second, third) + 32, report
+    # flat, but for the answer itself: the mp4 is written into memory as the frames are rendered, so the last
+    # quarter may hold up to all of it more (32 MiB for the allocator). main grew ~14 MiB a frame: 420 MiB a quarter.
+    assert last <= max(second, third) + 32 + report["mp4_mib"], report
 
 
 if __name__ == "__main__":
