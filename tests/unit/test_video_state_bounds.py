@@ -2,8 +2,9 @@
 
 - Parity: a session that drops the tracker outputs no later step reads gives, frame for frame, the masks of one
   that keeps everything (transformers' own behaviour, VideoSession(prune=False)): forward, backward, both ways from
-  a clicked frame in the middle, a refinement click near the end and a pass resumed where it stopped, for clicks
-  and for text prompts.
+  a clicked frame in the middle, a refinement click where the last pass ended and a pass resumed where it stopped,
+  for clicks and for text prompts; a refinement 7 frames before the end reads outputs already dropped: close, not
+  equal.
 - Growth: 2,000 frames tracked in a fresh process (this file run as a script), with 2 clicked objects and with a
   text prompt at the object cap; the process's RSS at frame 2,000 is within 5 % of frame 200's.
 - Long, large video (make test-maxima): 3,000 frames of 1920x1080 open from an mp4 and propagate within the stated
@@ -25,7 +26,8 @@ import pytest
 import torch
 
 from serve_app.core.config import Config
-from serve_app.core.stats import status_bytes
+from serve_app.core.stats import ALLOCATOR_ENV, status_bytes
+from serve_app.image.codecs import rle_decode
 from serve_app.image.engine import ImageEngine
 from serve_app.image.models import load_bundle
 from serve_app.video.session import VideoSession
@@ -71,9 +73,9 @@ SCRIPTS = {
     "backward from the last frame": [("click", FRAMES - 1, 1, [[20, 20]], [1]), ("prop", "backward", None, None)],
     "both ways from a click in the middle, twice": [
         ("click", 40, 1, [[20, 20]], [1]), ("prop", "both", None, None), ("prop", "both", None, None)],
-    "refinement near the end, then both ways from it": [
+    "refinement where the last pass ended, then both ways from it": [
         ("click", 0, 1, [[20, 20]], [1]), ("prop", "forward", None, None),
-        ("click", FRAMES - 8, 1, [[22, 22], [5, 5]], [1, 0]), ("prop", "both", FRAMES - 8, None)],
+        ("click", FRAMES - 1, 1, [[22, 22], [5, 5]], [1, 0]), ("prop", "both", FRAMES - 1, None)],
     "stopped, resumed, then back from the end": [
         ("click", 0, 1, [[20, 20]], [1]), ("prop", "forward", 0, 40), ("prop", "forward", 39, None),
         ("prop", "backward", FRAMES - 1, None)],
@@ -93,6 +95,28 @@ def test_pruned_sessions_give_the_results_of_sessions_that_keep_everything(engin
     assert pruned_held <= kept_held
     if not name.startswith("text"):  # text objects come and go: their outputs may all fit one window anyway
         assert pruned_held < kept_held, (pruned_held, kept_held)  # something was dropped: two different things ran
+
+
+def test_a_refinement_near_the_end_of_a_pass_differs_only_slightly(engine, frames):
+    """A click 7 frames before where the forward pass stopped, then both ways from it: not exact (docs/memory.md).
+
+    Its first forward steps read object pointers up to 15 frames back (frames 57..71), and the pass that ran
+    through them kept only the 16 behind where it stopped (63..79): they were dropped before the click. Same frames
+    and objects as a session that keeps everything; measured: scores within 5e-4, every mask's IoU >= 0.98."""
+    script = [("click", 0, 1, [[20, 20]], [1]), ("prop", "forward", None, None),
+              ("click", FRAMES - 8, 1, [[22, 22], [5, 5]], [1, 0]), ("prop", "both", FRAMES - 8, None)]
+    kept, kept_held = _run(engine, frames, False, script)
+    pruned, pruned_held = _run(engine, frames, True, script)
+    assert pruned_held < kept_held
+    assert [[(f, [o["object_id"] for o in objects]) for f, objects, _ in step] for step in pruned[1::2]] == \
+        [[(f, [o["object_id"] for o in objects]) for f, objects, _ in step] for step in kept[1::2]]
+    ious = []
+    for (_, ours, _), (_, theirs, _) in zip(pruned[3], kept[3]):
+        for a, b in zip(ours, theirs):
+            assert abs(a["score"] - b["score"]) < 0.005, (a["score"], b["score"])
+            x, y = rle_decode(a["rle"]).astype(bool), rle_decode(b["rle"]).astype(bool)
+            ious.append((x & y).sum() / max(1, (x | y).sum()))
+    assert ious and min(ious) >= 0.9, min(ious)
 
 
 def test_the_held_outputs_do_not_grow_with_the_frames(engine, frames):
@@ -154,7 +178,10 @@ def workload_growth(args: dict) -> dict:
 
 
 def _start(name: str, **args) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # glibc malloc as every Ray process runs it (serve_app.main sets ALLOCATOR_ENV before Ray starts): with glibc's
+    # defaults the threshold rises after the first large free, frames land in heap arenas and the peak creeps up
+    # a frame (6 MiB at 1080p) at a time, a measure of the allocator the service does not use
+    env = {**os.environ, **ALLOCATOR_ENV, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, __file__, name, json.dumps(args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
