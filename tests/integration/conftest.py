@@ -34,6 +34,12 @@ def serve_instance(tmp_path_factory):
     from serve_app.core.stats import apply_allocator_env
 
     apply_allocator_env()  # as serve_app.main does
+    import torch
+
+    # Ray starts its workers with OMP_NUM_THREADS=1 (deployments ask for 0 CPUs), so replicas run torch on one thread.
+    # References computed here must reduce in the same order: on CPUs whose kernels split a reduction across threads
+    # (seen on AVX-512 machines), two threads move boxes by 1e-3 px and flip a mask pixel against one.
+    torch.set_num_threads(1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
