@@ -7,6 +7,7 @@ import ctypes.util
 import os
 import threading
 from collections import Counter
+from collections.abc import Mapping
 
 # glibc malloc settings for every Ray process (set before Ray starts: its workers inherit the environment). By
 # default glibc raises its mmap threshold after the first large free, so a 64 MiB request body ends up in heap
@@ -16,10 +17,14 @@ from collections import Counter
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
 
 
+def allocator_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `environ` with ALLOCATOR_ENV where the operator set nothing: for a process started from it."""
+    return {**ALLOCATOR_ENV, **environ}
+
+
 def apply_allocator_env() -> None:
     """Set ALLOCATOR_ENV in this process' environment (unless the operator set them) before Ray starts."""
-    for key, value in ALLOCATOR_ENV.items():
-        os.environ.setdefault(key, value)
+    os.environ.update(allocator_environ(os.environ))
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if os.name == "posix" else None

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from serve_app.core.config import Config
-from serve_app.core.stats import ALLOCATOR_ENV, status_bytes
+from serve_app.core.stats import allocator_environ, status_bytes
 from serve_app.core.types import AutoPrompt, ConceptPrompt, SegmentParams
 from serve_app.image import postprocess as pp
 from serve_app.image.codecs import rle_encode_many
@@ -433,10 +433,9 @@ WORKLOADS = {"automask": workload_automask, "concepts": workload_concepts, "rend
 
 def _run(name: str, timeout: float = 1800, **args) -> dict:
     args.setdefault("hard_limit", HARD_LIMIT)
-    # glibc malloc as every Ray process runs it (serve_app.main sets ALLOCATOR_ENV before Ray starts): with glibc's
-    # defaults the threshold rises after the first large free, frames land in heap arenas and the peak creeps up
-    # a frame (6 MiB at 1080p) at a time, a measure of the allocator the service does not use
-    env = {**os.environ, **ALLOCATOR_ENV, "PYTHONPATH": str(ROOT)}
+    # glibc malloc as every Ray process runs it (docs/memory.md: under glibc's defaults the peak creeps up a frame
+    # at a time, a measure of an allocator the service does not use)
+    env = {**allocator_environ(os.environ), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, __file__, name, json.dumps(args)], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=timeout, check=False,

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from serve_app.core.config import Config
-from serve_app.core.stats import ALLOCATOR_ENV, status_bytes
+from serve_app.core.stats import allocator_environ, status_bytes
 from serve_app.image.codecs import rle_decode
 from serve_app.image.engine import ImageEngine
 from serve_app.image.models import load_bundle
@@ -178,10 +178,9 @@ def workload_growth(args: dict) -> dict:
 
 
 def _start(name: str, **args) -> subprocess.Popen:
-    # glibc malloc as every Ray process runs it (serve_app.main sets ALLOCATOR_ENV before Ray starts): with glibc's
-    # defaults the threshold rises after the first large free, frames land in heap arenas and the peak creeps up
-    # a frame (6 MiB at 1080p) at a time, a measure of the allocator the service does not use
-    env = {**os.environ, **ALLOCATOR_ENV, "PYTHONPATH": str(ROOT)}
+    # glibc malloc as every Ray process runs it (docs/memory.md: under glibc's defaults the peak creeps up a frame
+    # at a time, a measure of an allocator the service does not use)
+    env = {**allocator_environ(os.environ), "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, __file__, name, json.dumps(args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
