@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import torch
 from ray import serve
 from ray.util import metrics
 
+from serve_app.core.admission import check_deadline
 from serve_app.core.config import Config
 from serve_app.core.stats import BatchStats
 from serve_app.image.batching import Batcher
@@ -36,8 +38,11 @@ class ImageEncoder:
         """One image's embedding; encoded bytes are decoded here, in a thread, off the single ingress."""
         if isinstance(image, np.ndarray):
             return await self.batcher.submit(image)
+        if image.deadline is not None and time.time() >= image.deadline:  # not even decoded: nobody waits for it
+            self.batcher.dropped["expired"] += 1
+            check_deadline(image.deadline, "before the image encoder got to it")
         pixels = image.pixels if image.pixels is not None else await asyncio.to_thread(image.decoded, self.loader)
-        return await self.batcher.submit(pixels, image.in_flight)
+        return await self.batcher.submit(pixels, image.in_flight, image.deadline)
 
     def _record(self, size: int) -> None:
         self.stats.record(size)

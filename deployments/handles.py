@@ -8,10 +8,11 @@ import time
 
 from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from serve_app.core.admission import Overloaded, current_deadline, remaining_s
 from serve_app.core.config import Config
-from serve_app.core.errors import GatewayTimeout, Gone, Sam3Error, ServiceUnavailable, TooManyRequests
+from serve_app.core.errors import GatewayTimeout, Gone, Sam3Error, ServiceUnavailable
 from serve_app.core.media import MediaItem, MediaStore
 from serve_app.core.state import KV, open_kv
 from serve_app.core.types import Prompt, SegmentParams, SegmentResult
@@ -62,23 +63,39 @@ async def call_session(sessions, session_id: str, owner: str, method: str, *args
     finally:
         sessions.end.remote(session_id)  # fire and forget: the idle clock restarts when the call ends
 async def await_call(awaitable, timeout_s: float, on_timeout=()):
-    """Await a handle call with a deadline; turn Ray failures into errors a client can act on."""
+    """Await a handle call with a deadline; turn Ray failures into errors a client can act on.
+
+    `timeout_s` is cut to the current request's deadline (serve_app.core.admission). When the wait times out or
+    the caller is cancelled (its client left), the call itself and `on_timeout`'s calls are cancelled too, so that
+    the replicas downstream drop the work rather than finish it for nobody.
+    """
+    pending = list(on_timeout)
+    if isinstance(awaitable, DeploymentResponse) and awaitable not in pending:
+        pending.append(awaitable)
+    timeout_s = remaining_s(timeout_s)
 
     async def wait():
         return await awaitable
 
     try:
+        if timeout_s <= 0:
+            raise asyncio.TimeoutError
         return await asyncio.wait_for(wait(), timeout_s)
     except asyncio.TimeoutError:
-        for pending in on_timeout:
-            pending.cancel()
-        raise GatewayTimeout(f"the model did not answer within {timeout_s:g} s (SAM3_REQUEST_TIMEOUT_S)") from None
+        for call in pending:
+            call.cancel()
+        raise GatewayTimeout(f"the model did not answer within the request's deadline ({max(timeout_s, 0):.3g} s "
+                             "left; SAM3_REQUEST_TIMEOUT_S, X-Request-Timeout)") from None
+    except asyncio.CancelledError:
+        for call in pending:
+            call.cancel()
+        raise
     except Sam3Error as exc:  # raised here, or by a replica (the encoder decoding a corrupt image) and wrapped
         raise unwrap(exc) from None
     except (ObjectLostError, OwnerDiedError) as exc:
         raise EmbeddingLost(str(exc)) from None
     except BackPressureError:
-        raise TooManyRequests("the model is at capacity; retry shortly") from None
+        raise Overloaded("the model replicas' queues are full; retry shortly", retry_after_s=1) from None
     except (RayActorError, RequestCancelledError) as exc:
         logger.warning("a replica failed while serving a request: %s", exc)
         raise ServiceUnavailable("a model replica died while serving this request; retry") from None
@@ -92,6 +109,7 @@ class RayGraph:
         self._embedding_bytes: int | None = None
 
     async def encode(self, image) -> object:
+        """`image`'s embedding ref; in the ingress, within the current request's deadline."""
         response = self.encoder.encode.remote(image)
         ref = await await_call(response._to_object_ref(), self.timeout_s, (response,))
         await await_call(asyncio.wrap_future(ref.future()), self.timeout_s, (response,))  # surface encoder errors here
@@ -100,7 +118,7 @@ class RayGraph:
     async def decode(
         self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
     ) -> SegmentResult:
-        response = self.decoder.decode.remote(embedding, prompts, params, size)
+        response = self.decoder.decode.remote(embedding, prompts, params, size, current_deadline())
         return await await_call(response, self.timeout_s, (response,))
 
     async def embedding_bytes(self) -> int:

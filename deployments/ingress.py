@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -19,9 +21,10 @@ from deployments.handles import (
     await_call,
     shared_media,
 )
+from serve_app.core.admission import Admission
 from serve_app.core.config import Config
 from serve_app.core.errors import Sam3Error
-from serve_app.core.http import SafeJSONResponse, install_error_handlers, install_gate
+from serve_app.core.http import SafeJSONResponse, install_error_handlers, install_gate, set_admission
 from serve_app.core.media import set_media_store
 from serve_app.core.openapi import NativeError, NotReady, error_responses
 from serve_app.core.stats import rss_bytes
@@ -44,6 +47,21 @@ from serve_app.video.backend import set_video_backend
 from serve_app.video.stream_backend import set_stream_backend
 
 logger = logging.getLogger(__name__)
+ADMISSION_REFRESH_S = 5.0
+
+
+def admission_limit(config: Config, encoders: int, decoders: int, ingresses: int) -> int:
+    """Model requests one ingress replica admits at once: SAM3_ADMISSION_RUNNING_PER_REPLICA per model replica
+    (the fewer of encoder and decoder replicas), split over the ingress replicas."""
+    return max(1, math.ceil(config.admission_running_per_replica * max(1, min(encoders, decoders)) / max(1, ingresses)))
+
+
+def running_replicas(app_name: str | None) -> dict[str, int]:
+    """RUNNING replicas per deployment of this application, from the Serve controller."""
+    status = serve.status().applications.get(app_name or "default")
+    if status is None:
+        return {}
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in status.deployments.items()}
 
 DESCRIPTION = """Segment Anything 3 over HTTP. The native API is `/v1`; provider-compatible routes mirror
 Oxen.ai, Segmind, Roboflow and the SAM3 Hugging Face Space. Masks are COCO RLE, polygons or PNG."""
@@ -88,9 +106,33 @@ class Ingress:
             ui_app.connect(lambda scope, body: ui.options(stream=True).request.remote(scope, body),
                            config.max_request_bytes)
         set_media_store(shared_media(config))  # any replica serves any media URL
+        admissions = metrics.Counter(
+            "sam3_admission", description="Image model requests by admission outcome (admitted, waited, refused_*, "
+            "cancelled_waiting, expired_waiting).", tag_keys=("outcome",))
+        self.admission = Admission(
+            admission_limit(config, config.encoder_replicas, config.decoder_replicas, config.ingress_replicas),
+            config.admission_max_wait_s, config.max_inflight_per_key,
+            on_count=lambda outcome: admissions.inc(tags={"outcome": outcome}))
+        set_admission(self.admission)
+        self._resizer = asyncio.get_event_loop().create_task(self._follow_replicas()) if config.autoscale else None
         _config["current"] = config
         if not self.service.auth.enabled:
             logger.warning("auth is off: no SAM3_API_KEYS configured")
+
+    async def _follow_replicas(self) -> None:
+        """Under autoscaling, the admission bound follows the model replicas that run (read every few seconds)."""
+        while True:
+            await asyncio.sleep(ADMISSION_REFRESH_S)
+            try:
+                counts = await asyncio.to_thread(running_replicas, serve.get_replica_context().app_name)
+            except Exception as exc:  # noqa: BLE001 - the controller is busy or restarting: keep the last bound
+                logger.debug("could not read replica counts: %s", exc)
+                continue
+            limit = admission_limit(self.config, counts.get("ImageEncoder", 1), counts.get("Decoder", 1),
+                                    counts.get("Ingress", 1))
+            if limit != self.admission.limit:
+                logger.info("admission bound %d -> %d (replicas %s)", self.admission.limit, limit, counts)
+                self.admission.resize(limit)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict:
@@ -116,5 +158,6 @@ class Ingress:
         return {
             "model": self.config.model, "encoder": encoder, "decoder": decoder, "video": video,
             "ingress_rss_bytes": rss_bytes(), "ingress_replica": serve.get_replica_context().replica_id.unique_id,
+            "admission": self.admission.stats(),
             **(await self.service.stats()),
         }

@@ -60,7 +60,7 @@ class VideoSessions:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.registry: SessionRegistry[ray.actor.ActorHandle] = SessionRegistry(
-            config.video_max_sessions, config.video_session_ttl_s
+            config.video_max_sessions, config.video_session_ttl_s, max_calls=config.video_session_max_calls
         )
         self.kv = shared_kv(config)
         context = serve.get_replica_context()

@@ -155,7 +155,32 @@ class Config(BaseModel):
     autoscale_look_back_period_s: float = Field(
         30.0, gt=0, description="Window over which the autoscaler averages each deployment's ongoing requests."
     )
-    request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait on the graph.")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Every request's deadline: the longest it may take, waiting included. A client may "
+        "shorten it with the header `X-Request-Timeout: <seconds>`; past it the work is dropped wherever it is (504)."
+    )
+    decoder_threads: int = Field(
+        2, ge=1, le=64, description="Decodes one Decoder replica runs at once (worker threads); calls past it wait "
+        "on the replica, where an expired or cancelled one is dropped before it starts."
+    )
+
+    # Admission and overload (docs/operations.md): what the ingress lets into the model graph
+    admission_running_per_replica: int = Field(
+        8, ge=1, description="Image model requests admitted at once per model replica (the encoder and decoder "
+        "replicas, the fewer of the two), split evenly over the ingress replicas; the rest wait in a fair line."
+    )
+    admission_max_wait_s: float = Field(
+        0.5, ge=0, description="Longest estimated wait in the admission line; a request that would wait longer, "
+        "or could not be served before its deadline, is refused at once with 503 and Retry-After (0: no line)."
+    )
+    max_inflight_per_key: int = Field(
+        32, ge=1, description="Image model requests one API key may have in flight (running or waiting) per "
+        "ingress replica; past it: 429 with Retry-After. With auth off all traffic is one key."
+    )
+    video_session_max_calls: int = Field(
+        4, ge=1, description="Calls (prompts, propagations, resets) one video session runs or queues at once; "
+        "past it: 429 with Retry-After."
+    )
 
     # Shared state (docs/architecture.md says what lives where)
     state_dir: str = Field(

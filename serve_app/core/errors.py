@@ -9,17 +9,20 @@ class Sam3Error(Exception):
     status_code: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str, *, details: object | None = None) -> None:
+    def __init__(self, message: str, *, details: object | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        self.retry_after_s = retry_after_s  # the Retry-After header of a 429 or 503 (1 s when unset)
 
-    def __reduce__(self):  # keep message/details when pickled across Ray processes
-        return (_rebuild, (type(self), self.message, self.details))
+    def __reduce__(self):  # keep message/details/retry_after_s when pickled across Ray processes
+        return (_rebuild, (type(self), self.message, self.details, self.retry_after_s))
 
 
-def _rebuild(cls: type[Sam3Error], message: str, details: object | None) -> Sam3Error:
-    return cls(message, details=details)
+def _rebuild(cls: type[Sam3Error], message: str, details: object | None, retry_after_s: int | None = None) -> Sam3Error:
+    err = cls(message, details=details)
+    err.retry_after_s = retry_after_s
+    return err
 
 
 class BadRequest(Sam3Error):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,14 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.core.auth import Authenticator, bearer
+from serve_app.core.admission import (
+    TIMEOUT_HEADER,
+    Admission,
+    parse_timeout,
+    reset_deadline,
+    set_deadline,
+)
+from serve_app.core.auth import ANONYMOUS, Authenticator, bearer
 from serve_app.core.config import Config
 from serve_app.core.errors import (
     BadRequest,
@@ -30,6 +38,8 @@ from serve_app.core.errors import (
 from serve_app.core.stats import release_memory
 
 logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # what a 429 or 503 that names no wait of its own tells the client to wait
 
 # path prefix -> renderer of (error) -> body; providers register theirs; the native shape is the fallback
 ErrorRenderer = Callable[[Sam3Error], dict]
@@ -65,9 +75,16 @@ class SafeJSONResponse(JSONResponse):
             return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+RETRY_STATUSES = (429, 503)  # answers that always say when to come back
+
+
 def error_response(path: str, exc: Sam3Error) -> JSONResponse:
+    """The error in the shape of the front door that owns `path`; a 429 or 503 carries Retry-After."""
     renderer = next((r for prefix, r in _RENDERERS if path.startswith(prefix)), native_error_body)
-    return SafeJSONResponse(status_code=exc.status_code, content=renderer(exc))
+    response = SafeJSONResponse(status_code=exc.status_code, content=renderer(exc))
+    if exc.status_code in RETRY_STATUSES:
+        response.headers["Retry-After"] = str(max(1, int(getattr(exc, "retry_after_s", None) or RETRY_AFTER_S)))
+    return response
 
 
 def _describe(errors: list[dict]) -> tuple[str, list[dict]]:
@@ -177,6 +194,24 @@ def register_open_path(path: str) -> None:
     _OPEN_PATHS.add(path)
 
 
+_ADMITTED: set[str] = set()  # exact paths of the image model routes: deadline and admission (core/admission.py)
+_admission: dict[str, Admission | None] = {"current": None}
+
+
+def register_admitted_path(path: str) -> None:
+    """POSTs to `path` run the image model: they get a deadline and pass admission control before they run."""
+    _ADMITTED.add(path.rstrip("/") or "/")
+
+
+def set_admission(admission: Admission | None) -> None:
+    """The ingress replica's admission controller (None: every request is let through, as in unit tests)."""
+    _admission["current"] = admission
+
+
+def admitted_path(path: str) -> bool:
+    return (path.rstrip("/") or "/") in _ADMITTED
+
+
 def key_rule(path: str) -> KeyRule | None:
     if path in _OPEN_PATHS:
         return None
@@ -220,7 +255,6 @@ class _Busy(Exception):
     """Raised from `receive` when a body's next chunk would pass the replica's in-flight budget: 429."""
 
 
-RETRY_AFTER_S = 1  # what a 429 for a full in-flight budget tells the client to wait
 
 
 class InflightBudget:
@@ -254,7 +288,8 @@ class InflightBudget:
 def busy(budget: InflightBudget, size: str, limit: int) -> TooManyRequests:
     return TooManyRequests(
         f"the service is busy: this replica holds {budget.held} bytes of request bodies in flight and this request "
-        f"brings {size} more; the limit is {limit} (SAM3_INGRESS_MAX_INFLIGHT_BYTES). Retry in {RETRY_AFTER_S} s."
+        f"brings {size} more; the limit is {limit} (SAM3_INGRESS_MAX_INFLIGHT_BYTES). Retry in {RETRY_AFTER_S} s.",
+        retry_after_s=RETRY_AFTER_S,
     )
 
 
@@ -319,6 +354,7 @@ class Gate:
                 reserved = declared
             return not declared or reserved == declared
 
+        tenant = ANONYMOUS
         try:
             rule = key_rule(path)
             auth = self._authenticator(config)
@@ -340,7 +376,7 @@ class Gate:
                         return
                     key, inner_receive = _body_key(rule, body), _replay(body, receive)
                 try:
-                    auth.tenant(key, rule.how)
+                    tenant = auth.tenant(key, rule.how)
                 except Unauthorized as exc:
                     await self._answer(path, exc, scope, receive, send)
                     return
@@ -350,7 +386,11 @@ class Gate:
                 await self._busy(path, budget, str(declared), limit, scope, receive, send)
                 return
             refused = lambda: busy(budget, f"at least {received}", limit)  # noqa: E731
-            await self._run(path, scope, inner_receive, send, too_large, max_bytes, refused)
+            if scope.get("method") == "POST" and admitted_path(path):
+                await self._admitted(path, tenant, headers, config, scope, inner_receive, send, too_large, max_bytes,
+                                     refused)
+            else:
+                await self._run(path, scope, inner_receive, send, too_large, max_bytes, refused)
         finally:
             budget.release(reserved)
             if received > TRIM_AFTER_BYTES:
@@ -358,6 +398,46 @@ class Gate:
                 # until the collector's next full pass: free it now, then give the heap back to the OS.
                 gc.collect()
                 release_memory()
+
+    async def _admitted(self, path, tenant, headers, config, scope, receive, send, too_large, max_bytes,
+                        refused) -> None:
+        """An image model request: its deadline set for the whole graph, and a slot of the admission controller held
+        while it runs. A refusal (429 over the key's own limit, 503 when it cannot start in time) is answered here,
+        before the route parses a byte of the body."""
+        try:
+            budget_s = parse_timeout(headers.get(TIMEOUT_HEADER), config.request_timeout_s)
+        except Sam3Error as exc:
+            await self._answer(path, exc, scope, receive, send)
+            return
+        deadline = time.time() + budget_s
+        # the whole body first (within its limits), so that a slow upload never holds a slot of the model
+        try:
+            body = await _read_all(receive)
+        except _TooLarge:
+            await self._answer(path, too_large(f"more than {max_bytes}"), scope, _closed, send)
+            return
+        except _Busy:
+            await self._answer(path, refused(), scope, _closed, send)
+            return
+        receive = _replay(body, receive)
+        token = set_deadline(deadline)
+        try:
+            admission = _admission["current"]
+            ticket = None
+            if admission is not None:
+                try:
+                    ticket = await admission.enter(tenant, deadline)
+                except Sam3Error as exc:  # counted in the admission's stats and metrics; a flood would flood the log
+                    logger.debug("%s %s: %s", exc.status_code, path, exc.message)
+                    await self._answer(path, exc, scope, receive, send)
+                    return
+            try:
+                await self._run(path, scope, receive, send, too_large, max_bytes, refused)
+            finally:
+                if ticket is not None:
+                    ticket.release()
+        finally:
+            reset_deadline(token)
 
     async def _run(self, path, scope, receive, send, too_large, max_bytes, refused) -> None:
         """Run the route; if its body read passed the size limit or the in-flight budget, its answer (whatever it
@@ -375,7 +455,7 @@ class Gate:
 
         async def answer_error() -> None:
             state["started"] = True
-            await _error_with_retry(path, state["error"])(scope, _closed, send)
+            await error_response(path, state["error"])(scope, _closed, send)
 
         async def guarded_send(message: Message) -> None:
             if state["error"] is not None:
@@ -397,15 +477,9 @@ class Gate:
 
     async def _busy(self, path, budget, size, limit, scope, receive, send) -> None:
         logger.warning("429 %s: %s bytes of request bodies in flight, limit %s", path, budget.held, limit)
-        await _error_with_retry(path, busy(budget, size, limit))(scope, receive, send)
+        await error_response(path, busy(budget, size, limit))(scope, receive, send)
 
 
-def _error_with_retry(path: str, exc: Sam3Error) -> JSONResponse:
-    """The route's error shape; a 429 says when to come back."""
-    response = error_response(path, exc)
-    if exc.status_code == 429:
-        response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return response
 
 
 async def _read_all(receive: Receive) -> bytes:

@@ -5,6 +5,9 @@ batch still runs, so under load it queues batches of one or two behind the model
 when the model is free: everything that arrived meanwhile goes in it (up to `max_batch_size`). Each request also
 says how many requests its sender has in flight (`expected`); a batch waits for that many, at most `wait_s` after
 its first request arrived. A lone request (`expected` 1) never waits.
+
+Nothing runs for a request nobody waits for: an entry whose caller was cancelled (its client left) or whose
+deadline (wall clock) passed is dropped when the next batch is formed, and counted in `stats()`.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.core.errors import GatewayTimeout
+
 
 @dataclass
 class _Entry:
     item: Any
     expected: int
     future: asyncio.Future
+    deadline: float | None = None  # time.time(); None: no deadline
     arrived: float = field(default_factory=time.perf_counter)
 
 
@@ -42,11 +48,13 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._lock = threading.Lock()
         self._totals = {"batches": 0, "items": 0, "wait_s": 0.0, "run_s": 0.0}
+        self.dropped = {"cancelled": 0, "expired": 0}
 
-    async def submit(self, item: Any, expected: int = 1) -> Any:
-        """The result for `item`; `expected` is how many requests the caller has in flight, this one included."""
+    async def submit(self, item: Any, expected: int = 1, deadline: float | None = None) -> Any:
+        """The result for `item`; `expected` is how many requests the caller has in flight, this one included;
+        past `deadline` (time.time()) the entry is dropped unrun with a 504."""
         loop = asyncio.get_running_loop()
-        entry = _Entry(item, max(1, int(expected)), loop.create_future())
+        entry = _Entry(item, max(1, int(expected)), loop.create_future(), deadline)
         self._queue.append(entry)
         if self._arrival is None:
             self._arrival = asyncio.Event()
@@ -60,6 +68,8 @@ class Batcher:
         with self._lock:
             t = dict(self._totals)
         return {
+            "queued": len(self._queue), "dropped_cancelled": self.dropped["cancelled"],
+            "dropped_expired": self.dropped["expired"],
             "mean_queue_wait_ms": round(t["wait_s"] * 1000 / t["items"], 3) if t["items"] else 0.0,
             "mean_batch_run_ms": round(t["run_s"] * 1000 / t["batches"], 3) if t["batches"] else 0.0,
         }
@@ -70,8 +80,12 @@ class Batcher:
             if not self._queue:
                 return  # the next submit starts a new worker
             await self._fill()
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
-            batch = [e for e in batch if not e.future.done()]
+            self._drop_cancelled()
+            batch = []
+            while self._queue and len(batch) < self.max_batch_size:
+                entry = self._queue.popleft()
+                if self._live(entry):
+                    batch.append(entry)
             if batch:
                 await self._run(batch)
 
@@ -110,6 +124,19 @@ class Batcher:
             self._totals["wait_s"] += sum(started - e.arrived for e in batch)
             self._totals["run_s"] += time.perf_counter() - started
 
+    def _live(self, entry: _Entry) -> bool:
+        """False (counted; an expired entry gets its 504) for an entry that must not run."""
+        if entry.future.done():
+            self.dropped["cancelled"] += 1
+            return False
+        if entry.deadline is not None and time.time() >= entry.deadline:
+            self.dropped["expired"] += 1
+            entry.future.set_exception(GatewayTimeout(
+                "the request's deadline passed while it waited for the image encoder; it was dropped"))
+            return False
+        return True
+
     def _drop_cancelled(self) -> None:
-        while self._queue and self._queue[0].future.done():
-            self._queue.popleft()
+        """Drop dead entries anywhere in the queue, so that they neither count towards a batch nor wait in it."""
+        if any(e.future.done() or (e.deadline is not None and time.time() >= e.deadline) for e in self._queue):
+            self._queue = deque(e for e in self._queue if self._live(e))

@@ -127,14 +127,15 @@ class ImageEngine:
     @torch.inference_mode()
     def decode(
         self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
-        deadline: float | None = None,
+        deadline: float | None = None, stop=None,
     ) -> SegmentResult:
         """All prompts of one image against its embedding; masks come back as RLE at the original size.
 
         deadline (time.monotonic()): past it, the work stops at the next chunk with a 504 (GatewayTimeout).
+        stop (a threading.Event): once set, the work stops at the next chunk (postprocess.Stopped).
         """
         start = time.perf_counter()
-        budget = pp.ResultBudget(self.max_result_bytes, deadline)
+        budget = pp.ResultBudget(self.max_result_bytes, deadline, stop)
         results: list[PromptResult | None] = [None] * len(prompts)
         concept = [(i, p) for i, p in enumerate(prompts) if isinstance(p, ConceptPrompt)]
         for group in _group_by_box_count(concept, self.prompt_batch):

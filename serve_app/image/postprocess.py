@@ -25,6 +25,10 @@ NMS_BLOCK = 256  # candidates compared against each other at once by `nms_capped
 MAX_RESULT_RLE_BYTES = 256 * 1024**2  # RLE one request's masks may take (the answer's size and the decoder's)
 
 
+class Stopped(Exception):
+    """A decode whose request was cancelled stops at its next chunk: nobody is waiting for its answer."""
+
+
 class ResultBudget:
     """The RLE bytes one request may produce, charged chunk by chunk so an oversized answer stops early (413).
 
@@ -32,10 +36,13 @@ class ResultBudget:
     (the client already has its 504), the next chunk raises instead of running on for minutes.
     """
 
-    def __init__(self, limit: int = MAX_RESULT_RLE_BYTES, deadline: float | None = None) -> None:
+    def __init__(self, limit: int = MAX_RESULT_RLE_BYTES, deadline: float | None = None, stop=None) -> None:
         self.limit, self.used, self.deadline = limit, 0, deadline
+        self.stop = stop  # a threading.Event the caller sets when the request was cancelled (its client left)
 
     def check_deadline(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped("the request was cancelled: its client went away")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise GatewayTimeout(
                 "the masks of this request took longer than the request timeout (SAM3_REQUEST_TIMEOUT_S): ask for "

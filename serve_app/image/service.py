@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from serve_app.core.admission import current_deadline
 from serve_app.core.auth import Authenticator
 from serve_app.core.config import Config
 from serve_app.core.errors import Gone, InvalidImage, NotFound
@@ -31,7 +32,8 @@ class EncoderInput:
 
     Sending the bytes moves the decode off the ingress onto the encoder replica (and a JPEG is a tenth of its
     pixels through the object store). `in_flight` is how many requests the sender has in flight, this one
-    included: the encoder waits for that many to batch them, so a request alone never waits.
+    included: the encoder waits for that many to batch them, so a request alone never waits. `deadline`
+    (time.time()): the request's; past it the encoder drops the image unencoded.
     """
 
     data: bytes | None
@@ -39,6 +41,7 @@ class EncoderInput:
     height: int
     width: int
     in_flight: int = 1
+    deadline: float | None = None
 
     def decoded(self, loader: ImageLoader) -> np.ndarray:
         """The pixels, decoding the bytes when they are what was sent."""
@@ -123,12 +126,12 @@ class SegmentService:
             return resolved
         key, in_flight = (tenant, resolved.key), max(1, self.in_flight)
         if isinstance(resolved, _Encodable):  # not looked up yet: the cache looks and encodes in one call
-            image = EncoderInput(resolved.data, None, resolved.height, resolved.width, in_flight)
+            image = EncoderInput(resolved.data, None, resolved.height, resolved.width, in_flight, current_deadline())
             resolved.embedding, resolved.cache_hit = await self.caches.lookup_or_encode(
                 key, image, resolved.height, resolved.width)
             self.on_cache(resolved.cache_hit)
         else:
-            image = EncoderInput(None, resolved.pixels, resolved.height, resolved.width, in_flight)
+            image = EncoderInput(None, resolved.pixels, resolved.height, resolved.width, in_flight, current_deadline())
             resolved.embedding = await self.caches.encode(key, image, resolved.height, resolved.width)
         return resolved
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serve_app.core.auth import bearer
 from serve_app.core.config import Config
 from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error, ValidationFailed
-from serve_app.core.http import register_error_shape, register_key_rule
+from serve_app.core.http import register_admitted_path, register_error_shape, register_key_rule
 from serve_app.core.openapi import error_responses
 from serve_app.core.types import (
     ConceptPrompt,
@@ -282,6 +282,8 @@ register_error_shape("/api/predict", error_body)
 register_error_shape("/api/sam2_compatible", error_body)
 register_key_rule("/api/predict", ("bearer",), "`Authorization: Bearer <token>`")
 register_key_rule("/api/sam2_compatible", ("bearer",), "`Authorization: Bearer <token>`")
+register_admitted_path("/api/predict")  # runs the model: a deadline and admission control (core/admission.py)
+register_admitted_path("/api/sam2_compatible")  # runs the model: a deadline and admission control (core/admission.py)
 
 
 # ------------------------------------------------------------------- routes

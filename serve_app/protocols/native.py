@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve_app.core.auth import bearer
 from serve_app.core.config import Config
 from serve_app.core.errors import InvalidPrompt
-from serve_app.core.http import native_error_body, register_key_rule
+from serve_app.core.http import native_error_body, register_admitted_path, register_key_rule
 from serve_app.core.openapi import NativeError, error_responses
 from serve_app.core.types import (
     ConceptPrompt,
@@ -202,6 +202,7 @@ def render(result: SegmentResult, body: SegmentRequestIn, cache_key: str) -> Seg
 error_body = native_error_body  # the native shape is the service's fallback, defined in the core
 KEY_HOW = "`Authorization: Bearer <key>` or `x-api-key`"
 register_key_rule("/v1/", ("bearer", "header:x-api-key"), KEY_HOW)  # image, video sessions and /v1/stats
+register_admitted_path("/v1/image/segment")  # runs the model: a deadline and admission control (core/admission.py)
 
 
 router = APIRouter(tags=["native"])

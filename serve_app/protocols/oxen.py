@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serve_app.core.auth import bearer
 from serve_app.core.config import Config
 from serve_app.core.errors import NotFound, Sam3Error
-from serve_app.core.http import register_error_shape, register_key_rule
+from serve_app.core.http import register_admitted_path, register_error_shape, register_key_rule
 from serve_app.core.media import MediaStore, media_store
 from serve_app.core.openapi import error_responses
 from serve_app.core.types import (
@@ -255,6 +255,7 @@ register_error_shape("/api/ai", error_body)
 register_error_shape("/api/media", error_body)  # media URLs need no key: their id is the capability
 register_key_rule("/api/ai", ("bearer",), "`Authorization: Bearer <key>`")
 register_key_rule("/api/events", ("bearer",), "`Authorization: Bearer <key>`")
+register_admitted_path("/api/ai/images/edit")  # runs the model: a deadline and admission control (core/admission.py)
 
 # ------------------------------------------------------------------------------------------------ routes
 

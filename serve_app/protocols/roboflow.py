@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 from serve_app.core.auth import bearer
 from serve_app.core.cache import CachedLogits
 from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error
-from serve_app.core.http import register_error_shape, register_key_rule
+from serve_app.core.http import register_admitted_path, register_error_shape, register_key_rule
 from serve_app.core.openapi import error_responses
 from serve_app.core.types import (
     Box,
@@ -329,6 +329,9 @@ ApiKey = Query(None, description="Your API key (Roboflow's legacy transport: a q
 Authorization = Header(None, description="`Bearer <api key>`: inference-sdk's `api_key_transport='header'`/'both'.")
 KEY_TRANSPORTS = "`Authorization: Bearer <key>`, the `api_key` query parameter or the `api_key` body field"
 register_key_rule("/sam3/", ("bearer", "query:api_key", "body:api_key"), KEY_TRANSPORTS)
+register_admitted_path("/sam3/concept_segment")  # runs the model: a deadline and admission control (core/admission.py)
+register_admitted_path("/sam3/visual_segment")  # runs the model: a deadline and admission control (core/admission.py)
+register_admitted_path("/sam3/embed_image")  # runs the model: a deadline and admission control (core/admission.py)
 
 
 def _tenant(service: SegmentService, authorization: str | None, query_key: str | None, body_key: str | None) -> str:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.core.config import Config
 from serve_app.core.errors import BadRequest, Sam3Error, ServiceUnavailable
-from serve_app.core.http import register_error_shape, register_key_rule
+from serve_app.core.http import register_admitted_path, register_error_shape, register_key_rule
 from serve_app.core.openapi import error_responses, request_body
 from serve_app.core.types import (
     AutoPrompt,
@@ -124,6 +124,7 @@ def error_body(exc: Sam3Error) -> dict:
 
 register_error_shape(PATH, error_body)
 register_key_rule(PATH, ("header:x-api-key",), "the `x-api-key` header")
+register_admitted_path(PATH)  # runs the model: a deadline and admission control (core/admission.py)
 
 
 # ---- parsing ---------------------------------------------------------------------------------------

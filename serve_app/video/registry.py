@@ -28,8 +28,9 @@ class SessionRecord(Generic[H]):
 class SessionRegistry(Generic[H]):
     """Owner-checked lookup (another key's session is 404, so ids do not leak), a global cap and an idle TTL."""
 
-    def __init__(self, max_sessions: int, ttl_s: float, clock=time.monotonic) -> None:
+    def __init__(self, max_sessions: int, ttl_s: float, clock=time.monotonic, max_calls: int | None = None) -> None:
         self.max_sessions, self.ttl_s, self.clock = max_sessions, ttl_s, clock
+        self.max_calls = max_calls  # calls one session runs or queues at once (None: no bound)
         self._open: dict[str, SessionRecord[H]] = {}
         self._reserved = 0
         self._closed: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -73,6 +74,11 @@ class SessionRegistry(Generic[H]):
             record = self._open.get(session_id)
             if record is None or record.owner != owner:
                 raise NotFound(f"no video session {session_id!r}")
+            if begin and self.max_calls is not None and record.inflight >= self.max_calls:
+                raise TooManyRequests(
+                    f"video session {session_id!r} has {record.inflight} calls running or queued, the most one "
+                    f"session may have (SAM3_VIDEO_SESSION_MAX_CALLS): wait for an answer before sending more",
+                    retry_after_s=1)
             record.last_used = self.clock()
             record.inflight += int(begin)
             return record
