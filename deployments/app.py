@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from deployments.cache import ImageCache
 from deployments.decoder import Decoder
@@ -25,18 +26,27 @@ def _scaling(config: Config, replicas: int) -> dict:
     return {"num_replicas": replicas}
 
 
+# Serve's own bounds behind the ingress' admission control (serve_app/core/admission.py), which keeps every hop
+# far below them: should they ever be reached, a handle call fails with BackPressureError (a 503 with Retry-After
+# in the route's shape, deployments/handles.await_call) and the ingress answers Serve's own 503 with Retry-After.
+MODEL_QUEUE = 64  # calls queued at each caller (router) of an encoder or decoder when every replica is at its max
+INGRESS_QUEUE = 1024  # requests queued at the ingress replicas past their 256 ongoing
+BACKPRESSURE = BackpressureConfig(status_code=503, retry_after_s=1)
+
+
 def build_app(config: Config) -> Application:
     service = {"num_cpus": config.num_cpus, "resources": dict(config.service_resources)}  # the CPU-side replicas
     encoder = ImageEncoder.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.encoder_num_gpus,
                            "resources": dict(config.model_resources)},
         max_ongoing_requests=max(16, 2 * config.encoder_max_batch_size),
+        max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE,
         **_scaling(config, config.encoder_replicas),
     ).bind(config)
     decoder = Decoder.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.decoder_num_gpus,
                            "resources": dict(config.model_resources)},
-        max_ongoing_requests=8,
+        max_ongoing_requests=8, max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE,
         **_scaling(config, config.decoder_replicas),
     ).bind(config)
     cache = ImageCache.options(ray_actor_options=service).bind(encoder, config)
@@ -50,7 +60,7 @@ def build_app(config: Config) -> Application:
           if config.web_ui else None)
     return Ingress.options(
         ray_actor_options=service,
-        max_ongoing_requests=256,
+        max_ongoing_requests=256, max_queued_requests=INGRESS_QUEUE, backpressure_config=BACKPRESSURE,
         **_scaling(config, config.ingress_replicas),
     ).bind(encoder, decoder, config, sessions, jobs, runner, cache, ui, streams)
 
