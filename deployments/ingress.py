@@ -52,8 +52,17 @@ ADMISSION_REFRESH_S = 5.0
 
 def admission_limit(config: Config, encoders: int, decoders: int, ingresses: int) -> int:
     """Model requests one ingress replica admits at once: SAM3_ADMISSION_RUNNING_PER_REPLICA per model replica
-    (the fewer of encoder and decoder replicas), split over the ingress replicas."""
-    return max(1, math.ceil(config.admission_running_per_replica * max(1, min(encoders, decoders)) / max(1, ingresses)))
+    (the fewer of encoder and decoder replicas), split over the ingress replicas.
+
+    Under autoscaling, while the model deployments can still grow, the bound counts one replica more than runs:
+    that replica's worth of requests queues at the model deployments' handles, where Serve's autoscaler counts it
+    as ongoing, so the stage that is short of replicas shows more than its target and is scaled up (a bound of
+    exactly what runs spreads the admitted requests over ingress, encoder and decoder, and none of them may reach
+    its target). At the maximum the bound is what runs (docs/operations.md, "Overload and autoscaling")."""
+    replicas = max(1, min(encoders, decoders))
+    if config.autoscale and replicas < config.autoscale_max_replicas:
+        replicas += 1
+    return max(1, math.ceil(config.admission_running_per_replica * replicas / max(1, ingresses)))
 
 
 def running_replicas(app_name: str | None) -> dict[str, int]:
@@ -110,7 +119,8 @@ class Ingress:
             "sam3_admission", description="Image model requests by admission outcome (admitted, waited, refused_*, "
             "cancelled_waiting, expired_waiting).", tag_keys=("outcome",))
         self.admission = Admission(
-            admission_limit(config, config.encoder_replicas, config.decoder_replicas, config.ingress_replicas),
+            admission_limit(config, *((1, 1, 1) if config.autoscale else  # autoscaling starts at min_replicas 1
+                                      (config.encoder_replicas, config.decoder_replicas, config.ingress_replicas))),
             config.admission_max_wait_s, config.max_inflight_per_key,
             on_count=lambda outcome: admissions.inc(tags={"outcome": outcome}))
         set_admission(self.admission)

@@ -167,7 +167,8 @@ class Config(BaseModel):
     # Admission and overload (docs/operations.md): what the ingress lets into the model graph
     admission_running_per_replica: int = Field(
         8, ge=1, description="Image model requests admitted at once per model replica (the encoder and decoder "
-        "replicas, the fewer of the two), split evenly over the ingress replicas; the rest wait in a fair line."
+        "replicas, the fewer of the two; under SAM3_AUTOSCALE one more while they are below the maximum, so that the "
+        "autoscaler sees the demand), split evenly over the ingress replicas; the rest wait in a fair line."
     )
     admission_max_wait_s: float = Field(
         0.5, ge=0, description="Longest estimated wait in the admission line; a request that would wait longer, "
