@@ -199,3 +199,17 @@ def test_batcher_drops_expired_and_cancelled_entries_unrun():
 
     run(main())
     assert ran == [0, 3]
+
+
+def test_the_bound_follows_the_model_replicas_and_leaves_the_autoscaler_a_replica_of_demand():
+    from deployments.ingress import admission_limit
+    from serve_app.core.config import Config
+
+    fixed = Config(admission_running_per_replica=8)
+    assert admission_limit(fixed, 1, 1, 1) == 8
+    assert admission_limit(fixed, 3, 2, 1) == 16  # the fewer of encoder and decoder replicas
+    assert admission_limit(fixed, 2, 2, 3) == 6  # split over the ingress replicas, rounded up
+    scaling = Config(admission_running_per_replica=8, autoscale=True, autoscale_max_replicas=3)
+    assert admission_limit(scaling, 1, 1, 1) == 16  # one replica's worth queues where the autoscaler counts it
+    assert admission_limit(scaling, 2, 3, 2) == 12
+    assert admission_limit(scaling, 3, 3, 1) == 24  # at the maximum: what runs
