@@ -176,7 +176,7 @@ async def start_session(
     return await backend.create(tenant, *await _create_args(request, service))
 
 
-@router.get("/v1/video/sessions/{session_id}", responses=error_responses(NativeError, 401, 404, 410, 422, 503))
+@router.get("/v1/video/sessions/{session_id}", responses=error_responses(NativeError, 401, 404, 410, 422, 429, 503))
 async def session_info(
     session_id: str, service: SegmentService = Depends(get_service), backend: VideoBackend = Depends(get_video_backend),
     authorization: str | None = Header(None), x_api_key: str | None = Header(None),
@@ -186,7 +186,7 @@ async def session_info(
 
 
 @router.post(
-    "/v1/video/sessions/{session_id}/prompts", responses=error_responses(NativeError, 400, 401, 404, 410, 413, 422, 503)
+    "/v1/video/sessions/{session_id}/prompts", responses=error_responses(NativeError, 400, 401, 404, 410, 413, 422, 429, 503)
 )
 async def add_prompt(
     session_id: str, body: PromptIn, service: SegmentService = Depends(get_service),
@@ -214,7 +214,7 @@ async def add_prompt(
     "/v1/video/sessions/{session_id}/propagate", response_class=StreamingResponse,
     responses={200: {"content": {"application/x-ndjson": {}, "text/event-stream": {}},
                      "description": "One line (NDJSON) or event (SSE) per tracked frame, then `done`."},
-               **error_responses(NativeError, 400, 401, 404, 410, 413, 422, 503)},
+               **error_responses(NativeError, 400, 401, 404, 410, 413, 422, 429, 503)},
 )
 async def propagate(
     session_id: str, body: PropagateIn, request: Request, service: SegmentService = Depends(get_service),
@@ -259,7 +259,7 @@ def _render(frame: dict) -> dict:
 
 @router.delete(
     "/v1/video/sessions/{session_id}/objects/{object_id}",
-    responses=error_responses(NativeError, 401, 404, 410, 422, 503),
+    responses=error_responses(NativeError, 401, 404, 410, 422, 429, 503),
 )
 async def remove_object(
     session_id: str, object_id: int, service: SegmentService = Depends(get_service),
@@ -272,7 +272,7 @@ async def remove_object(
 
 
 @router.post(
-    "/v1/video/sessions/{session_id}/reset", responses=error_responses(NativeError, 401, 404, 410, 413, 422, 503)
+    "/v1/video/sessions/{session_id}/reset", responses=error_responses(NativeError, 401, 404, 410, 413, 422, 429, 503)
 )
 async def reset(
     session_id: str, service: SegmentService = Depends(get_service), backend: VideoBackend = Depends(get_video_backend),

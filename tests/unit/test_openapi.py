@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serve_app.core.errors import Sam3Error
-from serve_app.core.http import error_response, key_rule
+from serve_app.core.http import admitted_path, error_response, key_rule
 from serve_app.core.openapi import error_responses
 
 # (path, status) documented with a body that is not the provider's error shape, and the component it is
@@ -89,6 +89,15 @@ def test_every_route_that_reads_a_body_documents_it_and_413(spec):
             assert op.get("requestBody", {}).get("content"), f"{method} {path} documents no request body"
         if method == "POST":
             assert "413" in op["responses"], f"{method} {path} does not document the body limit's 413"
+
+
+def test_admitted_routes_document_their_refusals(spec):
+    """Every image model route behind admission lists 503 (overloaded, deadline) and 429 (the key's own limit)."""
+    gated = [(path, method) for path, method, _ in operations(spec) if method == "POST" and admitted_path(concrete(path))]
+    assert len(gated) >= 7, gated  # native, Oxen, Segmind, two Roboflow, two HF Space
+    for path, method in gated:
+        responses = spec["paths"][path][method.lower()]["responses"]
+        assert {"429", "503", "504"} <= set(responses), (path, sorted(responses))
 
 
 def test_raw_uploads_document_their_binary_content_types(spec):

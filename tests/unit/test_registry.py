@@ -86,3 +86,17 @@ def test_a_call_that_never_ends_expires_after_four_ttls():
     assert registry.expired() == []
     clock.now = 41
     assert [r.session_id for r in registry.expired()] == [sid]
+
+
+def test_a_session_bounds_its_calls_and_a_finished_call_frees_its_place():
+    registry = SessionRegistry(4, 60, max_calls=2)
+    sid, other = _open(registry), _open(registry, "bob")
+    registry.get(sid, "alice", begin=True)
+    registry.get(sid, "alice", begin=True)
+    with pytest.raises(TooManyRequests, match="SAM3_VIDEO_SESSION_MAX_CALLS") as refused:
+        registry.get(sid, "alice", begin=True)
+    assert refused.value.retry_after_s >= 1
+    registry.get(sid, "alice")  # a look without a call is not bounded
+    registry.get(other, "bob", begin=True)  # another session has its own bound
+    registry.end(sid)
+    registry.get(sid, "alice", begin=True)
