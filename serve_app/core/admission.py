@@ -10,9 +10,9 @@ Admission. One `Admission` per ingress replica lets at most `limit` model reques
 that waits in a line, fair between API keys (one waiting line per key, served round robin), unless its estimated
 wait (its place in the line x the recent mean service time / limit) is longer than `max_wait_s` or would leave it
 no time to be served before its deadline: then it is refused at once with 503 and Retry-After, before a byte of
-its body is parsed, so a refusal never reaches a model. A key holding less than its fair share of the slots (the
-limit over the keys in flight) is not refused for the line's length: a quiet key's request waits its turn while a
-flooding key's are refused. A key with `per_key_limit` requests in flight (running
+its body is parsed, so a refusal never reaches a model. A key running fewer than its fair share of the slots
+(the limit over the keys in flight) is not refused for the line's length: a quiet key's request waits its turn
+while a flooding key's are refused. A key with `per_key_limit` requests in flight (running
 or waiting) gets 429 and Retry-After: that limit is its own. With auth off every request is one tenant.
 A waiter whose client leaves is cancelled and leaves the line; it never takes a slot.
 """
@@ -142,9 +142,10 @@ class Admission:
         return sum(min(len(line), own + 1) for key, line in self._lines.items() if key != tenant) + own
 
     def fair_share(self, tenant: str) -> int:
-        """Slots per key when the keys in flight (and `tenant`) share the limit evenly: a key holding fewer is
-        never refused for the line's length, only for its deadline. Its turn under round robin comes within about
-        one slot per other key, so the line stays bounded (at most the limit, plus a share per key)."""
+        """Slots per key when the keys in flight (and `tenant`) share the limit evenly. A key running fewer is not
+        refused for the line's length, only for its deadline (and its own in-flight limit): round robin gives it
+        the next free slots until it runs its share, so its wait is short, and the line stays bounded by the
+        per-key limit."""
         keys = len(self._per_key) + (tenant not in self._per_key)
         return max(1, self.limit // keys)
 
@@ -166,7 +167,8 @@ class Admission:
                 retry_after_s=retry_after(self.service_s))
         wait = self.estimated_wait_s(tenant)
         left = math.inf if deadline is None else deadline - time.time()
-        if wait > 0 and wait > self.max_wait_s and held >= self.fair_share(tenant):
+        running_own = held - len(self._lines.get(tenant, ()))
+        if wait > 0 and wait > self.max_wait_s and running_own >= self.fair_share(tenant):
             self._count("refused_overload")
             raise Overloaded(
                 f"the service is at capacity: the estimated wait ({wait:.2f} s) is over its bound of "
