@@ -257,3 +257,66 @@ def test_frames_pushed_faster_than_tracked_are_dropped(ws_url, frames):
     assert [r["frame_index"] for r in tracked] == list(range(len(tracked)))  # dropped frames take no index
     assert [r["seq"] for r in tracked] == sorted(r["seq"] for r in tracked)  # results in push order
     assert by_seq[0]["type"] == by_seq[1]["type"] == "frame"  # the first max_in_flight were taken
+
+
+def proxy_rss_bytes() -> int:
+    """RSS of this node's Serve HTTP proxy (the process that buffers WebSocket messages for the app)."""
+    from ray._private import state
+
+    (pid,) = [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == "ProxyActor"]
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+def test_a_sender_ten_times_faster_than_tracking_for_30_s_keeps_proxy_and_actor_flat(ws_url, frames):
+    """The app reads every message at once and answers `dropped` past its window, so neither Serve's proxy (which
+    buffers WebSocket messages without a bound) nor the stream actor holds the frames the tracker has no time for."""
+    import threading
+
+    with open_ws(ws_url) as ws:
+        stream_id = start(ws)["stream_id"]
+        began = time.monotonic()
+        for i in range(10):  # lock-step: how long one frame takes to track
+            ws.send(frames[i])
+            assert recv(ws)["type"] == "frame"
+        per_frame = (time.monotonic() - began) / 10
+        interval = per_frame / 10
+        replies: list[dict] = []
+        done = threading.Event()
+
+        def read() -> None:
+            while not done.is_set() or len(replies) < sent:
+                try:
+                    replies.append(recv(ws, timeout=60))
+                except TimeoutError:
+                    return
+
+        sent = 0
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        samples: list[tuple[float, int, int]] = []
+        t0 = next_sample = time.monotonic()
+        while (now := time.monotonic()) - t0 < 30:
+            ws.send(frames[sent % len(frames)])
+            sent += 1
+            if now >= next_sample:
+                samples.append((now - t0, proxy_rss_bytes(), actor_info(stream_id)["rss_bytes"]))
+                next_sample = now + 3
+            time.sleep(max(0.0, t0 + sent * interval - time.monotonic()))
+        done.set()
+        samples.append((time.monotonic() - t0, proxy_rss_bytes(), actor_info(stream_id)["rss_bytes"]))
+        reader.join(timeout=120)
+    rate = sent / 30
+    dropped = sum(r["type"] == "dropped" for r in replies)
+    tracked = sum(r["type"] == "frame" for r in replies)
+    mib = [(round(t), round(p / 2**20), round(a / 2**20)) for t, p, a in samples]
+    print(f"tracking {1 / per_frame:.1f} frames/s, sent {sent} at {rate:.0f}/s: {tracked} tracked, {dropped} dropped; "
+          f"(s, proxy MiB, actor MiB): {mib}")
+    assert rate >= 5 / per_frame, "the sender kept well ahead of the tracker"
+    assert sorted(r["seq"] for r in replies) == list(range(10, 10 + sent)), "every frame gets exactly one reply"
+    assert dropped > tracked > 0
+    settled = samples[1:]  # after the first few seconds' allocations
+    for column, name in ((1, "proxy"), (2, "actor")):
+        first, last = settled[0][column], max(s[column] for s in settled[-3:])
+        assert last <= first * 1.10, f"the {name}'s RSS grew from {first / 2**20:.0f} to {last / 2**20:.0f} MiB"
