@@ -26,11 +26,14 @@ def _scaling(config: Config, replicas: int) -> dict:
     return {"num_replicas": replicas}
 
 
-# Serve's own bounds behind the ingress' admission control (serve_app/core/admission.py), which keeps every hop
-# far below them: should they ever be reached, a handle call fails with BackPressureError (a 503 with Retry-After
-# in the route's shape, deployments/handles.await_call) and the ingress answers Serve's own 503 with Retry-After.
+# Serve's own bounds around the ingress' admission control (serve_app/core/admission.py). Admission keeps the
+# model hops far below theirs; should one be reached, the handle call fails with BackPressureError (a 503 with
+# Retry-After in the route's shape, deployments/handles.await_call). The ingress' is reached when requests come
+# faster than the ingress reads them (10x capacity on 2 cores): Serve's proxy then answers its own 503 with
+# Retry-After at once. At 1024 the same flood waited in front of the gate until 592 of 3,715 requests passed a 60 s
+# client timeout; at 64 none did (docs/operations.md, "Overload").
 MODEL_QUEUE = 64  # calls queued at each caller (router) of an encoder or decoder when every replica is at its max
-INGRESS_QUEUE = 1024  # requests queued at the ingress replicas past their 256 ongoing
+INGRESS_QUEUE = 64  # requests queued for the ingress replicas past their 256 ongoing
 BACKPRESSURE = BackpressureConfig(status_code=503, retry_after_s=1)
 
 
