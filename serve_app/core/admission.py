@@ -11,8 +11,8 @@ that waits in a line, fair between API keys (one waiting line per key, served ro
 wait (its place in the line x the recent mean service time / limit) is longer than `max_wait_s` or would leave it
 no time to be served before its deadline: then it is refused at once with 503 and Retry-After, before a byte of
 its body is parsed, so a refusal never reaches a model. A key running fewer than its fair share of the slots
-(the limit over the keys in flight) is not refused for the line's length: a quiet key's request waits its turn
-while a flooding key's are refused. A key with `per_key_limit` requests in flight (running
+(the limit over the keys in flight), or with nothing in the line yet, is not refused for the line's length: a
+quiet key's request waits its turn while a flooding key's are refused. A key with `per_key_limit` requests in flight (running
 or waiting) gets 429 and Retry-After: that limit is its own. With auth off every request is one tenant.
 A waiter whose client leaves is cancelled and leaves the line; it never takes a slot.
 """
@@ -167,8 +167,9 @@ class Admission:
                 retry_after_s=retry_after(self.service_s))
         wait = self.estimated_wait_s(tenant)
         left = math.inf if deadline is None else deadline - time.time()
-        running_own = held - len(self._lines.get(tenant, ()))
-        if wait > 0 and wait > self.max_wait_s and running_own >= self.fair_share(tenant):
+        waiting_own = len(self._lines.get(tenant, ()))
+        if (wait > 0 and wait > self.max_wait_s and waiting_own  # a key may always have one request in line
+                and held - waiting_own >= self.fair_share(tenant)):
             self._count("refused_overload")
             raise Overloaded(
                 f"the service is at capacity: the estimated wait ({wait:.2f} s) is over its bound of "

@@ -126,21 +126,26 @@ def test_a_key_below_its_fair_share_waits_its_turn_while_the_flood_is_refused():
     async def main():
         adm = Admission(limit=4, max_wait_s=0.1, per_key_limit=100, initial_service_s=1.0)
         flood = [await adm.enter("flood", None) for _ in range(4)]
-        with pytest.raises(Overloaded):  # the flood's 5th: 0.25 s estimated > 0.1 s, and it runs all 4 slots
+        queued = asyncio.ensure_future(adm.enter("flood", None))  # a key's first waiter is always let in line
+        await asyncio.sleep(0)
+        assert not queued.done() and adm.waiting() == 1
+        with pytest.raises(Overloaded):  # its next: 0.5 s estimated > 0.1 s, it runs all 4 slots, it has a waiter
             await adm.enter("flood", None)
         quiet = [asyncio.ensure_future(adm.enter("quiet", None)) for _ in range(3)]  # it runs none of its 2
         await asyncio.sleep(0)
-        assert not any(q.done() for q in quiet) and adm.waiting() == 3
-        for ticket in flood[:2]:  # two slots free: both go to the waiting key, none to the flood
+        assert not any(q.done() for q in quiet) and adm.waiting() == 4
+        for ticket in flood[:2]:  # two slots free: one to each key in turn
             ticket.release()
         for _ in range(4):
             await asyncio.sleep(0)
-        assert quiet[0].done() and quiet[1].done() and not quiet[2].done()
-        with pytest.raises(Overloaded):  # now it runs its share (2 of 4): the line's length counts for it too
+        assert queued.done() and quiet[0].done() and not quiet[1].done()
+        flood[2].release()  # the flood has nothing waiting: the quiet key's next is served
+        for _ in range(4):
+            await asyncio.sleep(0)
+        assert quiet[1].done() and not quiet[2].done()
+        with pytest.raises(Overloaded):  # now it runs its share (2 of 4) and has a waiter: the line's length counts
             await adm.enter("quiet", None)
-        with pytest.raises(Overloaded):
-            await adm.enter("flood", None)
-        for ticket in flood[2:] + [await quiet[0], await quiet[1]]:
+        for ticket in [flood[3], await queued, await quiet[0], await quiet[1]]:
             ticket.release()
         (await quiet[2]).release()
         assert adm.running == 0 and adm.waiting() == 0
