@@ -38,7 +38,7 @@ def test_three_times_capacity_for_ten_seconds_is_shed_cleanly(tmp_path):
     assert set(fig["counts"]) <= {"200", "429", "503"}, fig["counts"]
     assert fig["counts"].get("503", 0) + fig["counts"].get("429", 0) > 0  # it did shed
     # the other key is not starved: at most one refusal, when a Poisson burst has it running its fair share with
-    # another request already waiting (serve_app/core/admission.py); none in the full benchmark's 3x and 10x runs
+    # another request already waiting (serve_app/core/admission.py); the full benchmark at 3x: 56 of 56
     assert fig["other_sent"] > 0 and fig["other_ok"] >= fig["other_sent"] - 1, fig["other_counts"]
     assert fig["goodput_ratio"] >= 0.5, fig  # the bar is 0.9: load_tests/README.md has what 2 cores reach
     assert fig["admitted_p99"] <= 3 * capacity["p99"], (fig["admitted_p99"], capacity["p99"])
