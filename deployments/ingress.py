@@ -118,9 +118,11 @@ class Ingress:
         admissions = metrics.Counter(
             "sam3_admission", description="Image model requests by admission outcome (admitted, waited, refused_*, "
             "cancelled_waiting, expired_waiting).", tag_keys=("outcome",))
+        # until _follow_replicas reads the running counts: autoscaling starts every deployment at min_replicas 1
+        start = (1, 1, 1) if config.autoscale else (config.encoder_replicas, config.decoder_replicas,
+                                                    config.ingress_replicas)
         self.admission = Admission(
-            admission_limit(config, *((1, 1, 1) if config.autoscale else  # autoscaling starts at min_replicas 1
-                                      (config.encoder_replicas, config.decoder_replicas, config.ingress_replicas))),
+            admission_limit(config, *start),
             config.admission_max_wait_s, config.max_inflight_per_key,
             on_count=lambda outcome: admissions.inc(tags={"outcome": outcome}))
         set_admission(self.admission)

@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from load_tests.harness import free_port, jpeg_b64, make_image  # noqa: E402
+from serve_app.core.stats import status_bytes  # noqa: E402
 
 PATH = "/v1/image/segment"
 
@@ -211,13 +212,9 @@ def serve_pids() -> dict[str, int]:
 
 def rss_mib(pid: int) -> float | None:
     try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
+        return status_bytes("VmRSS", pid) / 2**20
+    except (OSError, KeyError):  # the process is gone, or a kernel thread
         return None
-    return None
 
 
 def rss_all(pids: dict[str, int]) -> dict[str, float]:

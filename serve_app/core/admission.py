@@ -12,8 +12,9 @@ wait (its place in the line x the recent mean service time / limit) is longer th
 no time to be served before its deadline: then it is refused at once with 503 and Retry-After, before a byte of
 its body is parsed, so a refusal never reaches a model. A key running fewer than its fair share of the slots
 (the limit over the keys in flight), or with nothing in the line yet, is not refused for the line's length: a
-quiet key's request waits its turn while a flooding key's are refused. A key with `per_key_limit` requests in flight (running
-or waiting) gets 429 and Retry-After: that limit is its own. With auth off every request is one tenant.
+quiet key's request waits its turn while a flooding key's are refused. A key with `per_key_limit` requests in
+flight (running or waiting) gets 429 and Retry-After: that limit is its own. With auth off every request is one
+tenant.
 A waiter whose client leaves is cancelled and leaves the line; it never takes a slot.
 """
 

@@ -68,9 +68,9 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def status_bytes(field: str) -> int:
-    """One memory field of this process' /proc/self/status (VmRSS, VmHWM, RssAnon...), in bytes (Linux)."""
-    with open("/proc/self/status") as handle:
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """One memory field (VmRSS, VmHWM, RssAnon...) of /proc/<pid>/status, this process' by default, in bytes (Linux)."""
+    with open(f"/proc/{pid}/status") as handle:
         for line in handle:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024

@@ -14,7 +14,9 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from load_tests.harness import serve_processes
 from serve_app.core.config import Config
+from serve_app.core.stats import status_bytes
 from serve_app.image.codecs import rle_decode
 from tests.integration.conftest import API_KEY, OTHER_KEY, deploy, undeploy
 from tests.videos import moving_frames
@@ -261,11 +263,7 @@ def test_frames_pushed_faster_than_tracked_are_dropped(ws_url, frames):
 
 def proxy_rss_bytes() -> int:
     """RSS of this node's Serve HTTP proxy (the process that buffers WebSocket messages for the app)."""
-    from ray._private import state
-
-    (pid,) = [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == "ProxyActor"]
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    return status_bytes("VmRSS", serve_processes(APP)["proxy"])
 
 
 @pytest.mark.slow
