@@ -44,9 +44,14 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-async def call_session(sessions, session_id: str, owner: str, method: str, *args, timeout_s: float = 600.0):
-    """Call one session method through its actor; a dead actor is 410 Gone (and forgotten), other sessions unaffected."""
-    actor = await sessions.lookup.remote(session_id, owner, True)
+async def call_session(sessions, session_id: str, owner: str, method: str, *args, timeout_s: float = 600.0,
+                       failover: Failover | None = None):
+    """Call one session method through its actor; a dead actor is 410 Gone (and forgotten), other sessions unaffected.
+
+    The lookup (which actor holds the session) is re-sent when the VideoSessions replica answering it dies: the
+    registry lives in the shared store, so its replacement (or another replica) answers the same. The call to the
+    actor is not: the actor is the session, and a session call may change its state."""
+    actor = await (failover or Failover(0)).call(lambda: sessions.lookup.remote(session_id, owner, True), 30.0)
     try:
         return await asyncio.wait_for(actor.call.remote(method, *args), timeout_s)
     except RayActorError:
@@ -91,35 +96,108 @@ async def await_call(awaitable, timeout_s: float, on_timeout=()):
             call.cancel()
         raise
     except Sam3Error as exc:  # raised here, or by a replica (the encoder decoding a corrupt image) and wrapped
-        raise unwrap(exc) from None
+        error = unwrap(exc)
+        if isinstance(error, ReplicaDied) and isinstance(exc, RayTaskError):
+            # a replica further down the path gave up on its own retries: the replica this call went to is alive
+            error = ServiceUnavailable(error.message)
+        raise error from None
     except (ObjectLostError, OwnerDiedError) as exc:
         raise EmbeddingLost(str(exc)) from None
     except BackPressureError:
         raise Overloaded("the model replicas' queues are full; retry shortly", retry_after_s=1) from None
-    except (RayActorError, RequestCancelledError) as exc:
+    except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the replica serving the call is gone
         logger.warning("a replica failed while serving a request: %s", exc)
-        raise ServiceUnavailable("a model replica died while serving this request; retry") from None
+        raise ReplicaDied("a model replica died while serving this request; retry") from None
+    except RequestCancelledError:
+        raise ServiceUnavailable("the model call was cancelled; retry") from None
+
+
+class ReplicaDied(ServiceUnavailable):
+    """The replica serving a handle call died (or cannot be reached): an idempotent call may be sent again."""
+
+
+RETRY_BACKOFF_S = (0.05, 0.25, 0.5, 1.0)  # before each retry; the last repeats. Serve's router learns of a dead
+# replica from the failed call itself, so the first retry already goes to a live one (or waits for the replacement)
+
+
+class Failover:
+    """Re-sends idempotent handle calls whose replica died, within the call's deadline (SAM3_FAILOVER_RETRIES).
+
+    `retries` and `deaths` count what happened, for /v1/stats and the `sam3_failover_retries` metric."""
+
+    def __init__(self, retries: int) -> None:
+        self.retries = retries
+        self.counts = {"retried": 0, "recovered": 0, "gave_up": 0}
+        self._metric = None
+
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        if self._metric is None:
+            from ray.util import metrics
+
+            self._metric = metrics.Counter(
+                "sam3_failover", description="Idempotent model calls re-sent after a replica death, by outcome "
+                "(retried, recovered, gave_up).", tag_keys=("outcome",))
+        self._metric.inc(tags={"outcome": outcome})
+
+    async def call(self, make, timeout_s: float, deadline: float | None = None):
+        """`make()` issues the call (a DeploymentResponse or awaitable); its answer, re-issued after a replica death.
+
+        `deadline` (time.time()): the request's, where the caller knows it (a replica down the path, which has no
+        request context); otherwise the current request's (serve_app.core.admission), or `timeout_s` from now."""
+        if deadline is not None:
+            timeout_s = min(timeout_s, deadline - time.time())
+        end = time.monotonic() + remaining_s(timeout_s)
+        attempt = 0
+        while True:
+            try:
+                result = await await_call(make(), end - time.monotonic())
+            except ReplicaDied:
+                pause = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                if attempt >= self.retries or end - time.monotonic() <= pause:
+                    if self.retries:
+                        self._count("gave_up")
+                    raise
+                attempt += 1
+                self._count("retried")
+                await asyncio.sleep(pause)
+                continue
+            if attempt:
+                self._count("recovered")
+            return result
 
 
 class RayGraph:
-    """Encoder then decoder through deployment handles; the embedding is an ObjectRef the decoder resolves."""
+    """Encoder then decoder through deployment handles; the embedding is an ObjectRef the decoder resolves.
 
-    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, timeout_s: float) -> None:
+    Both calls are idempotent: when the replica serving one dies, it is sent again (`Failover`)."""
+
+    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, timeout_s: float,
+                 failover: Failover | None = None) -> None:
         self.encoder, self.decoder, self.timeout_s = encoder, decoder, timeout_s
+        self.failover = failover or Failover(0)
         self._embedding_bytes: int | None = None
 
     async def encode(self, image) -> object:
-        """`image`'s embedding ref; in the ingress, within the current request's deadline."""
-        response = self.encoder.encode.remote(image)
-        ref = await await_call(response._to_object_ref(), self.timeout_s, (response,))
-        await await_call(asyncio.wrap_future(ref.future()), self.timeout_s, (response,))  # surface encoder errors here
-        return ref
+        """`image`'s embedding ref, within the request's deadline (the one `image` carries, in the ImageCache)."""
+
+        async def once():
+            response = self.encoder.encode.remote(image)
+            ref = await await_call(response._to_object_ref(), self.timeout_s, (response,))
+            await await_call(asyncio.wrap_future(ref.future()), self.timeout_s, (response,))  # surface its errors here
+            return ref
+
+        return await self.failover.call(once, self.timeout_s, getattr(image, "deadline", None))
 
     async def decode(
         self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
     ) -> SegmentResult:
-        response = self.decoder.decode.remote(embedding, prompts, params, size, current_deadline())
-        return await await_call(response, self.timeout_s, (response,))
+        deadline = current_deadline()
+
+        def once():
+            return self.decoder.decode.remote(embedding, prompts, params, size, deadline)
+
+        return await self.failover.call(once, self.timeout_s)
 
     async def embedding_bytes(self) -> int:
         if self._embedding_bytes is None:
@@ -131,14 +209,15 @@ class RayGraph:
 class RayVideoBackend:
     """Sessions through the VideoSessions deployment; session calls go straight to the session's actor."""
 
-    def __init__(self, sessions: DeploymentHandle) -> None:
+    def __init__(self, sessions: DeploymentHandle, failover: Failover | None = None) -> None:
         self.sessions = sessions
+        self.failover = failover or Failover(0)
 
     async def create(self, owner, data, frames, fps) -> dict:
         return await self.sessions.create.remote(owner, data, frames, fps)
 
     async def call(self, session_id: str, owner: str, method: str, *args):
-        return await call_session(self.sessions, session_id, owner, method, *args)
+        return await call_session(self.sessions, session_id, owner, method, *args, failover=self.failover)
 
     async def close(self, session_id: str, owner: str) -> dict:
         return await self.sessions.close.remote(session_id, owner)
@@ -159,8 +238,8 @@ class RayJobBackend:
                 raise exc.cause from None
             raise
 
-    async def submit(self, tenant, model, kind, request, media_base, count) -> list[dict]:
-        return await self._call("submit", tenant, model, kind, request, media_base, count)
+    async def submit(self, tenant, model, kind, request, media_base, count, idempotency_key=None) -> list[dict]:
+        return await self._call("submit", tenant, model, kind, request, media_base, count, idempotency_key)
 
     async def get(self, tenant: str, job_id: str) -> dict:
         return await self._call("get", tenant, job_id)
@@ -199,29 +278,34 @@ def _boxed(image) -> list:
 class RayCaches:
     """The ingress' serve_app.image.caches.Caches: the ImageCache replica, with deadlines and Ray errors mapped."""
 
-    def __init__(self, cache: DeploymentHandle, timeout_s: float) -> None:
+    def __init__(self, cache: DeploymentHandle, timeout_s: float, failover: Failover | None = None) -> None:
         self.cache, self.timeout_s = cache, timeout_s
+        self.failover = failover or Failover(0)
+
+    async def _call(self, method: str, *args):
+        """Every cache call is idempotent (a lookup, an encode of the same image, an overwrite): re-sent when the
+        cache replica dies, to its replacement (it starts empty: a lookup then misses and the image is encoded)."""
+        return await self.failover.call(lambda: getattr(self.cache, method).remote(*args), self.timeout_s)
 
     async def get_embedding(self, key: tuple):
-        return await await_call(self.cache.get_embedding.remote(key), self.timeout_s)
+        return await self._call("get_embedding", key)
 
     async def encode(self, key: tuple, image, height: int, width: int) -> object:
         """`image`: an EncoderInput (or pixels); only the encoder replica reads a large one (see `_boxed`)."""
-        return (await await_call(self.cache.encode.remote(key, _boxed(image), height, width), self.timeout_s))[0]
+        return (await self._call("encode", key, _boxed(image), height, width))[0]
 
     async def lookup_or_encode(self, key: tuple, image, height: int, width: int) -> tuple[object, bool]:
-        embedding, hit = await await_call(
-            self.cache.lookup_or_encode.remote(key, _boxed(image), height, width), self.timeout_s)
+        embedding, hit = await self._call("lookup_or_encode", key, _boxed(image), height, width)
         return embedding, hit
 
     async def pop_embedding(self, key: tuple) -> None:
-        await await_call(self.cache.pop_embedding.remote(key), self.timeout_s)
+        await self._call("pop_embedding", key)
 
     async def prior_logits(self, key: tuple, points: tuple, box: tuple | None):
-        return await await_call(self.cache.prior_logits.remote(key, points, box), self.timeout_s)
+        return await self._call("prior_logits", key, points, box)
 
     async def remember_logits(self, key: tuple, entry) -> None:
-        await await_call(self.cache.remember_logits.remote(key, entry), self.timeout_s)
+        await self._call("remember_logits", key, entry)
 
     async def stats(self) -> dict:
         return await await_call(self.cache.stats.remote(), 10.0)

@@ -13,6 +13,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from deployments.handles import (
+    Failover,
     RayCaches,
     RayGraph,
     RayJobBackend,
@@ -95,8 +96,9 @@ class Ingress:
     ) -> None:
         self.config = config
         self.sessions = sessions
+        self.failover = Failover(config.failover_retries)  # idempotent calls re-sent when their replica dies
         if sessions is not None:
-            set_video_backend(RayVideoBackend(sessions))
+            set_video_backend(RayVideoBackend(sessions, self.failover))
         if streams is not None:  # live streams over WebSocket (docs/video-streams.md)
             set_stream_backend(RayStreamBackend(streams))
         if jobs is not None:  # job_runner is bound only so that it is deployed: it pulls its work from `jobs`
@@ -106,9 +108,9 @@ class Ingress:
             "sam3_embedding_cache_lookups", description="Embedding cache lookups.", tag_keys=("result",)
         )
         self.service = SegmentService(
-            config, RayGraph(encoder, decoder, config.request_timeout_s),
+            config, RayGraph(encoder, decoder, config.request_timeout_s, self.failover),
             on_cache=lambda hit: lookups.inc(tags={"result": "hit" if hit else "miss"}),
-            caches=None if cache is None else RayCaches(cache, config.request_timeout_s),
+            caches=None if cache is None else RayCaches(cache, config.request_timeout_s, self.failover),
         )
         set_service(self.service)
         if ui is not None:
@@ -170,6 +172,6 @@ class Ingress:
         return {
             "model": self.config.model, "encoder": encoder, "decoder": decoder, "video": video,
             "ingress_rss_bytes": rss_bytes(), "ingress_replica": serve.get_replica_context().replica_id.unique_id,
-            "admission": self.admission.stats(),
+            "admission": self.admission.stats(), "failover": dict(self.failover.counts),
             **(await self.service.stats()),
         }

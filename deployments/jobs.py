@@ -12,7 +12,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.handles import RayCaches, RayGraph, RayVideoBackend, shared_kv, shared_media
+from deployments.handles import Failover, RayCaches, RayGraph, RayVideoBackend, shared_kv, shared_media
 from serve_app.core.config import Config
 from serve_app.core.state import state_location
 from serve_app.image.service import SegmentService
@@ -71,8 +71,9 @@ class JobStore:
             except Exception:  # noqa: BLE001 - the state store briefly unreachable: try again next sweep
                 logger.exception("job store sweep failed")
 
-    async def submit(self, tenant: str, model: str, kind: str, request: dict, media_base: str, count: int) -> list:
-        return self.core.book.submit(tenant, model, kind, request, media_base, count)
+    async def submit(self, tenant: str, model: str, kind: str, request: dict, media_base: str, count: int,
+                     idempotency_key: str | None = None) -> list:
+        return self.core.book.submit(tenant, model, kind, request, media_base, count, idempotency_key)
 
     async def get(self, tenant: str, job_id: str) -> dict:
         return self.core.book.get(tenant, job_id)
@@ -132,11 +133,12 @@ class JobRunner:
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, sessions: DeploymentHandle,
         store: DeploymentHandle, config: Config, cache: DeploymentHandle | None = None,
     ) -> None:
-        caches = None if cache is None else RayCaches(cache, config.request_timeout_s)
-        service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s), caches=caches)
+        failover = Failover(config.failover_retries)
+        caches = None if cache is None else RayCaches(cache, config.request_timeout_s, failover)
+        service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s, failover), caches=caches)
         worker_id = ray.get_runtime_context().get_actor_name() or ray.get_runtime_context().get_actor_id()
         self.worker = Worker(
-            StoreQueue(store), OxenJobs(service, RayVideoBackend(sessions)), worker_id,
+            StoreQueue(store), OxenJobs(service, RayVideoBackend(sessions, failover)), worker_id,
             concurrency=config.jobs_concurrency, heartbeat_s=max(0.2, config.jobs_heartbeat_timeout_s / 5),
         )
         self.worker.start()

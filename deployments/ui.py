@@ -6,7 +6,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.handles import RayCaches, RayGraph, RayVideoBackend
+from deployments.handles import Failover, RayCaches, RayGraph, RayVideoBackend
 from serve_app.core.config import Config
 from serve_app.image.service import SegmentService
 from serve_app.ui.host import UIHost
@@ -22,9 +22,10 @@ class WebUI:
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, sessions: DeploymentHandle, config: Config,
         cache: DeploymentHandle | None = None,
     ) -> None:
-        set_video_backend(RayVideoBackend(sessions))
-        caches = None if cache is None else RayCaches(cache, config.request_timeout_s)  # shared with the APIs
-        graph = RayGraph(encoder, decoder, config.request_timeout_s)
+        failover = Failover(config.failover_retries)
+        set_video_backend(RayVideoBackend(sessions, failover))
+        caches = None if cache is None else RayCaches(cache, config.request_timeout_s, failover)  # shared with the APIs
+        graph = RayGraph(encoder, decoder, config.request_timeout_s, failover)
         self.host = UIHost(SegmentService(config, graph, caches=caches))
         self.host.start_soon()
 

@@ -178,6 +178,15 @@ class Config(BaseModel):
         32, ge=1, description="Image model requests one API key may have in flight (running or waiting) per "
         "ingress replica; past it: 429 with Retry-After. With auth off all traffic is one key."
     )
+    shutdown_grace_s: float = Field(
+        5.0, ge=0, le=300, description="On stop (Ctrl-C, SIGTERM, a redeploy or downscale), seconds a replica "
+        "gets to finish the requests it is serving; `make serve` exits within this plus about 2 s."
+    )
+    failover_retries: int = Field(
+        3, ge=0, le=20, description="Times an idempotent model call (encode, decode, cache lookups) is re-sent when "
+        "the replica serving it dies, within the request's deadline; each retry goes to a live replica or waits "
+        "for the replacement (0: a death answers 503 at once)."
+    )
     video_session_max_calls: int = Field(
         4, ge=1, description="Calls (prompts, propagations, resets) one video session runs or queues at once; "
         "past it: 429 with Retry-After."

@@ -35,6 +35,7 @@ from serve_app.core.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from serve_app.core.shapes import SHAPES
 from serve_app.core.stats import release_memory
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ RETRY_AFTER_S = 1  # what a 429 or 503 that names no wait of its own tells the c
 
 # path prefix -> renderer of (error) -> body; providers register theirs; the native shape is the fallback
 ErrorRenderer = Callable[[Sam3Error], dict]
-_RENDERERS: list[tuple[str, ErrorRenderer]] = []
+_RENDERERS: list[tuple[str, ErrorRenderer]] = sorted(SHAPES, key=lambda item: -len(item[0]))
 
 
 def native_error_body(exc: Sam3Error) -> dict:

@@ -15,7 +15,8 @@ class JobBackend(Protocol):
     """How the HTTP layer reaches the job store, without knowing about Ray."""
 
     async def submit(
-        self, tenant: str, model: str, kind: str, request: dict, media_base: str, count: int
+        self, tenant: str, model: str, kind: str, request: dict, media_base: str, count: int,
+        idempotency_key: str | None = None,
     ) -> list[dict]: ...
 
     async def get(self, tenant: str, job_id: str) -> dict: ...

@@ -94,6 +94,7 @@ class Job:
     error_code: str | None = None
     error_message: str | None = None
     restored: bool = False  # running when a store restarted: if its worker stays silent, it runs again
+    idempotency_key: str | None = None  # the submission's Idempotency-Key: a repeat returns this submission's jobs
 
     def view(self, with_result: bool = True) -> dict:
         """The generation as GET /api/ai/queue/{id} shows it (events carry it without `result`)."""
@@ -167,6 +168,7 @@ class JobBook:
         self._queue: OrderedDict[str, None] = OrderedDict()  # queued ids, oldest first
         self._finished: OrderedDict[str, None] = OrderedDict()  # terminal ids, oldest first
         self._active: Counter[str] = Counter()  # queued + running per key
+        self._keyed: dict[tuple[str, str], list[str]] = {}  # (tenant, Idempotency-Key) -> its submission's job ids
         self._running: Counter[str] = Counter()  # running per key
         self._events: dict[str, deque[Event]] = {}
         self.last_seq = 0
@@ -176,7 +178,15 @@ class JobBook:
 
     # ---------------------------------------------------------------- clients
 
-    def submit(self, tenant: str, model: str, kind: str, request: dict, media_base: str, count: int = 1) -> list[dict]:
+    def submit(self, tenant: str, model: str, kind: str, request: dict, media_base: str, count: int = 1,
+               idempotency_key: str | None = None) -> list[dict]:
+        """Queue `count` jobs. With `idempotency_key`, a repeat of the key's submission (a client's or the proxy's
+        retry after a lost answer) returns the jobs of the first one, as they are now, and queues nothing; the key
+        is the key's own (another API key's same key is another submission) and lives as long as its jobs."""
+        if idempotency_key is not None:
+            earlier = [self._jobs[i] for i in self._keyed.get((tenant, idempotency_key), ()) if i in self._jobs]
+            if earlier:
+                return [job.view() for job in earlier]
         if self._active[tenant] + count > self.limits.max_active_per_key:
             raise TooManyRequests(
                 f"this API key has {self._active[tenant]} generations queued or running; at most "
@@ -190,8 +200,10 @@ class JobBook:
                 "retry later"
             )
         echo = echo_params(request)
-        jobs = [Job(self._new_id(), tenant, model, kind, dict(request), echo, media_base, self.wall())
-                for _ in range(count)]
+        jobs = [Job(self._new_id(), tenant, model, kind, dict(request), echo, media_base, self.wall(),
+                    idempotency_key=idempotency_key) for _ in range(count)]
+        if idempotency_key is not None:
+            self._keyed[(tenant, idempotency_key)] = [job.id for job in jobs]
         for job in jobs:
             self._jobs[job.id] = job
             self._queue[job.id] = None
@@ -368,7 +380,9 @@ class JobBook:
 
     def _drop(self, job_id: str) -> None:
         self._finished.pop(job_id, None)
-        del self._jobs[job_id]  # only finished jobs are dropped
+        job = self._jobs.pop(job_id)  # only finished jobs are dropped
+        if job.idempotency_key is not None:
+            self._keyed.pop((job.tenant, job.idempotency_key), None)
         if self.repo is not None:
             self.repo.drop_job(job_id)
 
@@ -394,6 +408,8 @@ class JobBook:
         for record in loaded.jobs:
             job = Job(**record)
             self._jobs[job.id] = job
+            if job.idempotency_key is not None:
+                self._keyed.setdefault((job.tenant, job.idempotency_key), []).append(job.id)
             if job.status in TERMINAL:
                 continue
             self._active[job.tenant] += 1

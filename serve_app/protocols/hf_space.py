@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.core.auth import bearer
 from serve_app.core.config import Config
-from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error, ValidationFailed
-from serve_app.core.http import register_admitted_path, register_error_shape, register_key_rule
+from serve_app.core.errors import InvalidImage, InvalidPrompt, ValidationFailed
+from serve_app.core.http import register_admitted_path, register_key_rule
+from serve_app.core.shapes import hf_space_error_body
 from serve_app.core.openapi import error_responses
 from serve_app.core.types import (
     ConceptPrompt,
@@ -273,13 +274,7 @@ class SpaceError(BaseModel):
     error_type: str = Field(description="A stable machine-readable code (bad_request, unauthorized, ...).")
 
 
-def error_body(exc: Sam3Error) -> dict:
-    """The Space's error shape: {"success": false, "error": message, "error_type": code}."""
-    return {"success": False, "error": exc.message, "error_type": exc.code}
-
-
-register_error_shape("/api/predict", error_body)
-register_error_shape("/api/sam2_compatible", error_body)
+error_body = hf_space_error_body  # registered for /api/predict and /api/sam2_compatible (serve_app/core/shapes.py)
 register_key_rule("/api/predict", ("bearer",), "`Authorization: Bearer <token>`")
 register_key_rule("/api/sam2_compatible", ("bearer",), "`Authorization: Bearer <token>`")
 register_admitted_path("/api/predict")  # runs the model: a deadline and admission control (core/admission.py)

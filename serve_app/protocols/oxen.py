@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.core.auth import bearer
 from serve_app.core.config import Config
-from serve_app.core.errors import NotFound, Sam3Error
-from serve_app.core.http import register_admitted_path, register_error_shape, register_key_rule
+from serve_app.core.errors import NotFound
+from serve_app.core.http import register_admitted_path, register_key_rule
+from serve_app.core.shapes import oxen_error_body
 from serve_app.core.media import MediaStore, media_store
 from serve_app.core.openapi import error_responses
 from serve_app.core.types import (
@@ -242,17 +243,7 @@ class OxenError(BaseModel):
     error: OxenErrorDetail
 
 
-def error_body(exc: Sam3Error) -> dict:
-    """Oxen's error shape: {"status": "error", "status_message": <code>, "status_description": <message>, "error"}."""
-    code = {"not_found": "resource_not_found", "internal_error": "internal_server_error"}.get(exc.code, exc.code)
-    error: dict = {"type": code, "title": exc.message}
-    if exc.details is not None:
-        error["details"] = exc.details
-    return {"status": "error", "status_message": code, "status_description": exc.message, "error": error}
-
-
-register_error_shape("/api/ai", error_body)
-register_error_shape("/api/media", error_body)  # media URLs need no key: their id is the capability
+error_body = oxen_error_body  # registered for /api/ai, /api/media and /api/events (serve_app/core/shapes.py)
 register_key_rule("/api/ai", ("bearer",), "`Authorization: Bearer <key>`")
 register_key_rule("/api/events", ("bearer",), "`Authorization: Bearer <key>`")
 register_admitted_path("/api/ai/images/edit")  # runs the model: a deadline and admission control (core/admission.py)

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.core.config import Config
 from serve_app.core.errors import BadRequest, NotFound, Sam3Error, ValidationFailed
-from serve_app.core.http import register_error_shape, validation_error
+from serve_app.core.failover import IDEMPOTENCY_DOC, idempotency_key
+from serve_app.core.http import validation_error
 from serve_app.core.media import new_media_id
 from serve_app.core.openapi import error_responses, request_body
 from serve_app.core.security import UrlFetcher
@@ -125,7 +126,6 @@ class OxenJobs:
 
 # ------------------------------------------------------------------------------------------------ routes
 
-register_error_shape("/api/events", oxen.error_body)  # /api/ai and /api/media are registered by oxen
 router = APIRouter(tags=["oxen"])
 
 
@@ -141,12 +141,16 @@ async def enqueue(
     tenant: str = Depends(oxen.oxen_tenant),
     service: SegmentService = Depends(get_service),
     jobs: JobBackend = Depends(get_job_backend),
+    idempotency: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_DOC),
 ) -> dict:
-    """Enqueue 1-4 generations of `sam-3-image` or `sam-3-video` (the sync routes' bodies); returns their ids."""
+    """Enqueue 1-4 generations of `sam-3-image` or `sam-3-video` (the sync routes' bodies); returns their ids.
+
+    With an `Idempotency-Key`, a repeated submission returns the first one's generations."""
     body, kind = parse_queue_body(await request.body())
     await check_input(getattr(body, "input_image", None) or getattr(body, "input_video"), service.config)
     params = body.model_dump(exclude={"num_generations"}, exclude_none=True)
-    records = await jobs.submit(tenant, body.model, kind, params, media_base(request), body.num_generations)
+    records = await jobs.submit(tenant, body.model, kind, params, media_base(request), body.num_generations,
+                                idempotency_key(idempotency))
     return {"generations": [{key: record[key] for key in ("generation_id", "status", "model", "type", "created")}
                             for record in records]}
 

@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from serve_app.core.auth import bearer
 from serve_app.core.cache import CachedLogits
-from serve_app.core.errors import InvalidImage, InvalidPrompt, Sam3Error
-from serve_app.core.http import register_admitted_path, register_error_shape, register_key_rule
+from serve_app.core.errors import InvalidImage, InvalidPrompt
+from serve_app.core.http import register_admitted_path, register_key_rule
+from serve_app.core.shapes import roboflow_error_body
 from serve_app.core.openapi import error_responses
 from serve_app.core.types import (
     Box,
@@ -314,12 +315,7 @@ class RoboflowError(BaseModel):
     message: str = Field(description="What went wrong, in words a person can act on.")
 
 
-def error_body(exc: Sam3Error) -> dict:
-    """Roboflow's inference server answers errors as {"message": "..."}."""
-    return {"message": exc.message}
-
-
-register_error_shape("/sam3/", error_body)
+error_body = roboflow_error_body  # registered for /sam3/ (serve_app/core/shapes.py)
 
 
 # ---------------------------------------------------------------- routes

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.core.config import Config
 from serve_app.core.errors import BadRequest, Sam3Error, ServiceUnavailable
-from serve_app.core.http import register_admitted_path, register_error_shape, register_key_rule
+from serve_app.core.http import register_admitted_path, register_key_rule
+from serve_app.core.shapes import SEGMIND_PATH, segmind_error_body
 from serve_app.core.openapi import error_responses, request_body
 from serve_app.core.types import (
     AutoPrompt,
@@ -117,12 +118,8 @@ class BadGateway(Sam3Error):
     code = "bad_gateway"
 
 
-def error_body(exc: Sam3Error) -> dict:
-    """Segmind's error shape: {"error": message} (its SDK reads `error`), plus a stable `code`."""
-    return {"error": exc.message, "code": exc.code}
-
-
-register_error_shape(PATH, error_body)
+error_body = segmind_error_body  # registered for PATH and /v2/ (serve_app/core/shapes.py)
+assert PATH == SEGMIND_PATH
 register_key_rule(PATH, ("header:x-api-key",), "the `x-api-key` header")
 register_admitted_path(PATH)  # runs the model: a deadline and admission control (core/admission.py)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import re
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from serve_app.core.config import Config
 from serve_app.core.errors import NotFound
-from serve_app.core.http import register_error_shape, register_key_rule
+from serve_app.core.failover import IDEMPOTENCY_DOC, idempotency_key
+from serve_app.core.http import register_key_rule
 from serve_app.core.openapi import error_responses
 from serve_app.core.security import UrlFetcher
 from serve_app.image.service import SegmentService, get_service
@@ -53,7 +54,6 @@ class ResultOut(StatusOut):
     )
 
 
-register_error_shape("/v2/", segmind.error_body)
 register_key_rule("/v2/", ("header:x-api-key",), "the `x-api-key` header")
 
 
@@ -129,8 +129,11 @@ def _errors(*statuses: int) -> dict:
 async def submit(
     slug: str, request: Request, service: SegmentService = Depends(get_service),
     jobs: JobBackend = Depends(get_job_backend),
+    idempotency: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_DOC),
 ) -> SubmitOut:
-    """Queue a request (the body of `POST /v1/{slug}`); answers at once with its id and where to poll."""
+    """Queue a request (the body of `POST /v1/{slug}`); answers at once with its id and where to poll.
+
+    With an `Idempotency-Key`, a repeated submission returns the first one's id."""
     tenant = segmind.segmind_tenant(service, request)
     check_slug(slug)
     body = segmind.parse_body(await request.body())
@@ -138,7 +141,7 @@ async def submit(
     await check_image(body.image, service.config)
     params = body.model_dump(exclude_unset=True)
     params["image"] = as_data_uri(body.image)
-    [record] = await jobs.submit(tenant, slug, KIND, params, "", 1)
+    [record] = await jobs.submit(tenant, slug, KIND, params, "", 1, idempotency_key(idempotency))
     request_id = record["generation_id"]
     return SubmitOut(
         request_id=request_id, status="QUEUED",

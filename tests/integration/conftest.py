@@ -34,6 +34,9 @@ def serve_instance(tmp_path_factory):
     from serve_app.core.stats import apply_allocator_env
 
     apply_allocator_env()  # as serve_app.main does
+    from serve_app.core.failover import enable_proxy_failover
+
+    enable_proxy_failover()  # as serve_app.main does: Serve's proxy loads the failover middleware
     import torch
 
     # Ray starts its workers with OMP_NUM_THREADS=1 (deployments ask for 0 CPUs), so replicas run torch on one thread.

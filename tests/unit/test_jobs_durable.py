@@ -113,3 +113,21 @@ def test_events_continue_their_numbering_and_expired_records_are_deleted(kv):
     assert list(kv.scan(JOBS)) == [] and list(kv.scan(EVENTS)) == [], "expired jobs and events leave the store"
     with pytest.raises(Exception, match="not found"):
         open_book(kv, clocks, ttl_s=60).get(A, ids[0])
+
+
+def test_an_idempotency_key_returns_the_first_submission_even_after_a_store_restart(kv):
+    """A retried queue submission (the client's, or the proxy's after a replica died) queues nothing new; the key
+    belongs to its API key, and survives the store's restart with the jobs it names."""
+    clocks = Clocks()
+    first = open_book(kv, clocks)
+    ids = [v["generation_id"] for v in first.submit(A, "sam-3-image", "image", REQUEST, "http://h/", 2, "k-1")]
+    again = [v["generation_id"] for v in first.submit(A, "sam-3-image", "image", REQUEST, "http://h/", 2, "k-1")]
+    assert again == ids and first.stats()["queued"] == 2
+    other_key = first.submit(B, "sam-3-image", "image", REQUEST, "http://h/", 1, "k-1")[0]["generation_id"]
+    assert other_key not in ids, "another API key's same Idempotency-Key is another submission"
+    clocks.restart_process()
+    second = open_book(kv, clocks, epoch="ffffffff")
+    assert [v["generation_id"] for v in second.submit(A, "sam-3-image", "image", REQUEST, "http://h/", 2, "k-1")] == ids
+    assert second.stats()["queued"] == 3
+    fresh = second.submit(A, "sam-3-image", "image", REQUEST, "http://h/", 1, "k-2")[0]["generation_id"]
+    assert fresh not in ids and second.stats()["queued"] == 4
