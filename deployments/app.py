@@ -37,33 +37,41 @@ INGRESS_QUEUE = 64  # requests queued for the ingress replicas past their 256 on
 BACKPRESSURE = BackpressureConfig(status_code=503, retry_after_s=1)
 
 
+def _stopping(config: Config) -> dict:
+    """How long a stopping replica (shutdown, redeploy, downscale) may finish what it serves: SAM3_SHUTDOWN_GRACE_S,
+    checked every half second (Serve's defaults, 20 s and 2 s, would keep Ctrl-C waiting 20 s)."""
+    return {"graceful_shutdown_timeout_s": config.shutdown_grace_s,
+            "graceful_shutdown_wait_loop_s": min(0.5, max(config.shutdown_grace_s, 0.1))}
+
+
 def build_app(config: Config) -> Application:
     service = {"num_cpus": config.num_cpus, "resources": dict(config.service_resources)}  # the CPU-side replicas
+    stopping = _stopping(config)
     encoder = ImageEncoder.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.encoder_num_gpus,
                            "resources": dict(config.model_resources)},
         max_ongoing_requests=max(16, 2 * config.encoder_max_batch_size),
-        max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE,
+        max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE, **stopping,
         **_scaling(config, config.encoder_replicas),
     ).bind(config)
     decoder = Decoder.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.decoder_num_gpus,
                            "resources": dict(config.model_resources)},
-        max_ongoing_requests=8, max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE,
+        max_ongoing_requests=8, max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE, **stopping,
         **_scaling(config, config.decoder_replicas),
     ).bind(config)
-    cache = ImageCache.options(ray_actor_options=service).bind(encoder, config)
-    sessions = VideoSessions.options(ray_actor_options=service).bind(config)
-    streams = VideoStreams.options(ray_actor_options=service).bind(config)
-    jobs = JobStore.options(ray_actor_options=service).bind(config)
+    cache = ImageCache.options(ray_actor_options=service, **stopping).bind(encoder, config)
+    sessions = VideoSessions.options(ray_actor_options=service, **stopping).bind(config)
+    streams = VideoStreams.options(ray_actor_options=service, **stopping).bind(config)
+    jobs = JobStore.options(ray_actor_options=service, **stopping).bind(config)
     runner = JobRunner.options(
-        ray_actor_options=service, num_replicas=config.jobs_runner_replicas
+        ray_actor_options=service, num_replicas=config.jobs_runner_replicas, **stopping
     ).bind(encoder, decoder, sessions, jobs, config, cache)
-    ui = (WebUI.options(ray_actor_options=service).bind(encoder, decoder, sessions, config, cache)
+    ui = (WebUI.options(ray_actor_options=service, **stopping).bind(encoder, decoder, sessions, config, cache)
           if config.web_ui else None)
     return Ingress.options(
         ray_actor_options=service,
-        max_ongoing_requests=256, max_queued_requests=INGRESS_QUEUE, backpressure_config=BACKPRESSURE,
+        max_ongoing_requests=256, max_queued_requests=INGRESS_QUEUE, backpressure_config=BACKPRESSURE, **stopping,
         **_scaling(config, config.ingress_replicas),
     ).bind(encoder, decoder, config, sessions, jobs, runner, cache, ui, streams)
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from serve_app.core.config import Config
 from serve_app.core.errors import ModelLoadError
+from serve_app.core.failover import enable_proxy_failover
 from serve_app.core.stats import apply_allocator_env
 
 logger = logging.getLogger("sam3_serve")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+APP_NAME = "sam3"
 
 
 def bind_host(config: Config) -> str:
@@ -49,19 +53,58 @@ def main() -> int:
     from deployments.app import build_app
 
     apply_allocator_env()  # before Ray starts: every Ray process inherits it
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
-    serve.run(build_app(config), name="sam3", route_prefix="/")
-    logger.info("sam3-serve ready on http://%s:%d (model %s); API docs at /docs", config.host, config.port, config.model)
+    enable_proxy_failover()  # Serve's proxy resends a request whose ingress replica died (core/failover.py)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    serve.shutdown()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and an orchestrator's stop: the same clean stop
+        signal.signal(signum, lambda *_: stop.set())
+    group = os.getpgrp()
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    rejoin_process_group(group)
+    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    logger.info("sam3-serve ready on http://%s:%d (model %s); API docs at /docs", config.host, config.port, config.model)
+    stop.wait()
+    shut_down(config.shutdown_grace_s + SHUTDOWN_MARGIN_S)
     return 0
 
+
+SHUTDOWN_MARGIN_S = 2.0  # past the replicas' grace: Serve deleting the application, then Ray stopping its processes
+
+
+def rejoin_process_group(group: int) -> None:
+    """ray.init makes this process the leader of a new process group (for its reaper), which takes it out of the
+    terminal's foreground group: Ctrl-C on `make serve` would reach make but never this process, and make would wait
+    for it forever. Back in the original group, Ctrl-C reaches it (Ray's own processes block SIGINT)."""
+    if os.getpgrp() != group:
+        try:
+            os.setpgid(0, group)
+        except OSError as exc:  # the group is gone (its leader exited): Ctrl-C could not reach us anyway
+            logger.debug("could not rejoin process group %d: %s", group, exc)
+
+
+def shut_down(budget_s: float) -> None:
+    """Stop within `budget_s`: Serve deletes the application (each replica finishes what it serves within
+    SAM3_SHUTDOWN_GRACE_S; the JobRunner hands its running jobs back to the queue; sessions close); whatever is
+    still running then is stopped with Ray (every process this service started)."""
+    import ray
+    from ray import serve
+
+    started = time.monotonic()
+    logger.info("stopping: finishing the requests in flight (up to %.0f s)", budget_s)
+
+    def stop_serve() -> None:
+        # the application first, while Serve's proxy still runs: its replicas finish what they serve and the
+        # answers reach their clients; then the proxy and the controller
+        serve.delete(APP_NAME)
+        serve.shutdown()
+
+    done = threading.Thread(target=stop_serve, name="serve-shutdown", daemon=True)
+    done.start()
+    done.join(budget_s)
+    if done.is_alive():
+        logger.warning("Serve did not stop within %.0f s; stopping Ray's processes", budget_s)
+    ray.shutdown()
+    logger.info("stopped in %.1f s", time.monotonic() - started)
 
 if __name__ == "__main__":
     sys.exit(main())

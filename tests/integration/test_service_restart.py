@@ -59,22 +59,103 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
 
 
+def _session_processes(sid: int) -> list[str]:
+    """Processes of the session the service was started in (Ray's daemons, workers and replicas stay in it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: the session id
+            found.append(f"{entry} {stat.split('(', 1)[1].split(')')[0]}")
+    return found
+
+
+def _stop_under_load(url: str, proc: subprocess.Popen, how: str, image: str) -> tuple[float, list[int], list[str]]:
+    """Stop the service as `how` says (`ctrl-c`: SIGINT to its process group, as a terminal sends; `sigterm`: to the
+    process, as an orchestrator does) while 4 clients segment images. Returns the seconds it took to exit, the
+    statuses of the requests in flight at the signal, and the processes of its session left 2 s after it exited."""
+    import threading
+
+    body = {"image": image, "prompts": [{"type": "concept", "text": "a square"}]}
+    signalled, statuses, stop = threading.Event(), [], threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            before = signalled.is_set()
+            try:
+                status = requests.post(f"{url}/v1/image/segment", json=body, headers=AUTH, timeout=60).status_code
+            except requests.RequestException:
+                status = -1
+            if not before:  # sent before the signal: it must be answered (200, or 503 in the JSON shape)
+                statuses.append(status)
+            if before:
+                return
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    started = time.monotonic()
+    signalled.set()
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    finally:
+        seconds = time.monotonic() - started
+        stop.set()
+        for t in threads:
+            t.join(60)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    time.sleep(2)
+    return seconds, statuses, _session_processes(proc.pid)
+
+
+STOP_WITHIN_S = 10.0
+
+
 @pytest.mark.slow
 def test_queue_survives_stopping_and_starting_the_service(tmp_path, image_server):
     """`make serve`, stopped and started again on the same SQLite state: a finished result and jobs still queued
-    (or running) at the stop are there afterwards, and the queued ones run."""
+    (or running) at the stop are there afterwards, and the queued ones run.
+
+    Both stops are clean and measured: Ctrl-C (SIGINT to the process group) and SIGTERM each end the service within
+    10 s under load, every request in flight at the signal is answered (200, or 503), and no process is left."""
+    import base64
+
+    from tests.integration.conftest import image_bytes
+
+    image = base64.b64encode(image_bytes(5)).decode()
     port, state = _free_port(), tmp_path / "state"
     url = f"http://127.0.0.1:{port}"
     proc = _start_service(port, state, tmp_path / "first.log")
+    stopped = False
     try:
         _wait_ready(url, proc, tmp_path / "first.log")
         done = _enqueue(url, image_server, 330)
         finished = _poll(url, done)
         assert finished["status"] == "succeeded", finished
         pending = [_enqueue(url, image_server, 331 + i) for i in range(4)]
+        seconds, statuses, left = _stop_under_load(url, proc, "ctrl-c", image)
+        stopped = True
+        print(f"Ctrl-C: exited in {seconds:.1f} s, in flight {statuses}, left {left}")
+        assert seconds <= STOP_WITHIN_S, f"Ctrl-C took {seconds:.1f} s:\n" + (tmp_path / "first.log").read_text()[-3000:]
+        assert statuses and set(statuses) <= {200, 503}, statuses
+        assert not left, left
     finally:
-        _stop(proc)
+        if not stopped:
+            _stop(proc)
     proc = _start_service(port, state, tmp_path / "second.log")
+    stopped = False
     try:
         _wait_ready(url, proc, tmp_path / "second.log")
         again = _poll(url, done)
@@ -82,5 +163,12 @@ def test_queue_survives_stopping_and_starting_the_service(tmp_path, image_server
         assert requests.get(again["result"]["images"][0]["url"], timeout=30).status_code == 200
         outcomes = [_poll(url, gen_id, timeout_s=240) for gen_id in pending]
         assert [o["status"] for o in outcomes] == ["succeeded"] * 4, outcomes
+        seconds, statuses, left = _stop_under_load(url, proc, "sigterm", image)
+        stopped = True
+        print(f"SIGTERM: exited in {seconds:.1f} s, in flight {statuses}, left {left}")
+        assert seconds <= STOP_WITHIN_S, f"SIGTERM took {seconds:.1f} s:\n" + (tmp_path / "second.log").read_text()[-3000:]
+        assert statuses and set(statuses) <= {200, 503}, statuses
+        assert not left, left
     finally:
-        _stop(proc)
+        if not stopped:
+            _stop(proc)
