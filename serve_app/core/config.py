@@ -183,9 +183,10 @@ class Config(BaseModel):
         "gets to finish the requests it is serving; `make serve` exits within this plus about 2 s."
     )
     failover_retries: int = Field(
-        3, ge=0, le=20, description="Times an idempotent model call (encode, decode, cache lookups) is re-sent when "
-        "the replica serving it dies, within the request's deadline; each retry goes to a live replica or waits "
-        "for the replacement (0: a death answers 503 at once)."
+        3, ge=0, le=20, description="Times an idempotent request (in Serve's proxy, when its ingress replica dies) "
+        "or model call (encode, decode, cache lookups) is re-sent when the replica serving it dies, within the "
+        "request's deadline; each retry goes to a live replica or waits for the replacement (0: a death answers "
+        "503 at once)."
     )
     video_session_max_calls: int = Field(
         4, ge=1, description="Calls (prompts, propagations, resets) one video session runs or queues at once; "

@@ -172,3 +172,16 @@ def test_streams_are_exempt_from_serves_proxy_timeout_and_other_requests_keep_it
                          ("POST", "/v1/image/segment")):
         call(middleware, method, path, headers=[("x-request-timeout-seconds", "5")])
     assert seen == {"/api/events": b"0", "/v1/video/sessions/s1/propagate": b"0", "/v1/image/segment": None}
+
+
+def test_the_architecture_page_lists_every_route_as_routes_says():
+    """docs/architecture.md's table is the one users read: each of ROUTES is a row with its own policy."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    labels = {RETRY: "| re-sent |", KEYED: "| re-sent with an `Idempotency-Key`", ONCE: "| never re-sent: 503 |"}
+    for route in ROUTES:
+        name = "every other `GET` / `HEAD`" if route.template == "*" else f"`{' '.join(route.methods)} {route.template}`"
+        row = next((line for line in page.splitlines() if line.startswith(f"| {name} |")), None)
+        assert row is not None, f"docs/architecture.md has no row for {name}"
+        assert labels[route.policy] in row, f"docs/architecture.md says otherwise for {name}: {row}"

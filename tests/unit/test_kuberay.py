@@ -237,3 +237,13 @@ def test_every_ray_container_runs_with_the_allocator_settings():
         for container in template["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert {k: env.get(k) for k in ALLOCATOR_ENV} == ALLOCATOR_ENV, (where, container["name"])
+
+
+def test_every_ray_container_loads_the_proxy_failover_middleware():
+    """Each node runs a Serve proxy: each must re-send what a dead ingress replica did not answer (core/failover)."""
+    from serve_app.core.failover import PROXY_CALLBACK
+
+    for where, template in _pod_templates(_ray_resources(_docs("rayservice.yaml"))):
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == PROXY_CALLBACK, (where, container["name"])
