@@ -105,15 +105,19 @@ def route_policy(method: str, path: str) -> tuple[str, str]:
 
 
 SERVE_HINT_HEADERS = (b"x-request-timeout-seconds", b"x-request-disconnect-disabled")
-REPLAY_MAX_BYTES = 64 * 1024 * 1024  # a body larger than this is passed through unkept: it is never retried
 RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)  # before each retry; the last repeats
 
 
-def _env_float(name: str, default: float) -> float:
+def _knob(field: str) -> float:
+    """A SAM3_* knob as the proxy's environment sets it (Ray passes the environment it started with), or its default;
+    the proxy serves every application, so it reads the environment, not one application's Config."""
+    from serve_app.core.config import Config
+
+    default = Config.model_fields[field].default
     try:
-        return float(os.environ.get(name, default))
+        return float(os.environ.get(f"SAM3_{field.upper()}", default))
     except ValueError:
-        return default
+        return float(default)
 
 
 class ProxyFailover:
@@ -124,13 +128,13 @@ class ProxyFailover:
     """
 
     def __init__(self, app: ASGIApp, retries: int | None = None, timeout_s: float | None = None,
-                 replay_max_bytes: int = REPLAY_MAX_BYTES, budget_bytes: int | None = None) -> None:
+                 replay_max_bytes: int | None = None, budget_bytes: int | None = None) -> None:
         self.app = app
-        self.retries = int(_env_float("SAM3_FAILOVER_RETRIES", 3)) if retries is None else retries
-        self.timeout_s = _env_float("SAM3_REQUEST_TIMEOUT_S", 120.0) if timeout_s is None else timeout_s
-        self.replay_max_bytes = replay_max_bytes
-        self.budget_bytes = (int(_env_float("SAM3_INGRESS_MAX_INFLIGHT_BYTES", 512 * 2**20)) if budget_bytes is None
-                             else budget_bytes)
+        self.retries = int(_knob("failover_retries")) if retries is None else retries
+        self.timeout_s = _knob("request_timeout_s") if timeout_s is None else timeout_s
+        # a body larger than one request may be is passed through unkept (never re-sent); so is one past the budget
+        self.replay_max_bytes = int(_knob("max_request_bytes")) if replay_max_bytes is None else replay_max_bytes
+        self.budget_bytes = int(_knob("ingress_max_inflight_bytes")) if budget_bytes is None else budget_bytes
         # Serve's proxy obeys two headers meant for a front proxy (HAProxy): one turns its timeout off, the other
         # keeps a request running after its client left. From a client they are dropped, unless HAProxy is in front.
         self.strip_serve_headers = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") in ("", "0")
