@@ -185,3 +185,62 @@ def test_the_architecture_page_lists_every_route_as_routes_says():
         row = next((line for line in page.splitlines() if line.startswith(f"| {name} |")), None)
         assert row is not None, f"docs/architecture.md has no row for {name}"
         assert labels[route.policy] in row, f"docs/architecture.md says otherwise for {name}: {row}"
+
+
+# ------------------------------------------------------------------ in the graph: deployments/handles.Failover
+
+
+def dying(times: int, error=None):
+    """A handle call that fails as a call to a dead replica does `times` times, then answers."""
+    from ray.exceptions import ActorDiedError
+
+    calls = {"n": 0}
+
+    async def make():
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise error if error is not None else ActorDiedError()
+        return "answer"
+
+    return make, calls
+
+
+def test_a_model_call_whose_replica_died_is_sent_again_and_counted():
+    from deployments.handles import Failover
+
+    failover = Failover(3)
+    make, calls = dying(2)
+    assert asyncio.run(failover.call(make, 30.0)) == "answer" and calls["n"] == 3
+    assert failover.counts == {"retried": 2, "recovered": 1, "gave_up": 0}
+
+
+def test_past_its_retries_or_its_deadline_a_call_is_a_503_and_with_retries_off_it_is_sent_once():
+    from deployments.handles import Failover, ReplicaDied
+
+    failover = Failover(2)
+    make, calls = dying(10)
+    with pytest.raises(ReplicaDied) as refused:
+        asyncio.run(failover.call(make, 30.0))
+    assert refused.value.status_code == 503 and calls["n"] == 3 and failover.counts["gave_up"] == 1
+    make, calls = dying(10)
+    with pytest.raises(ReplicaDied):
+        asyncio.run(Failover(20).call(make, 30.0, deadline=__import__("time").time() + 0.4))
+    assert calls["n"] <= 3, "backoff 0.05 + 0.25 s: a 0.4 s deadline leaves room for two retries at most"
+    make, calls = dying(1)
+    with pytest.raises(ReplicaDied):
+        asyncio.run(Failover(0).call(make, 30.0))
+    assert calls["n"] == 1
+
+
+def test_a_replica_down_the_path_that_gave_up_is_not_retried_again_here():
+    """The ImageCache's own retries of a dead encoder ran out: its answer (a RayTaskError of ReplicaDied) is a plain
+    503 for the ingress, which must not re-send the cache call another 3 times."""
+    from ray.exceptions import RayTaskError
+
+    from deployments.handles import Failover, ReplicaDied
+
+    remote = RayTaskError("encode", "traceback", ReplicaDied("a model replica died"))
+    make, calls = dying(10, error=remote.as_instanceof_cause())
+    with pytest.raises(Exception) as failed:
+        asyncio.run(Failover(3).call(make, 30.0))
+    assert failed.value.status_code == 503 and not isinstance(failed.value, ReplicaDied) and calls["n"] == 1
