@@ -6,7 +6,8 @@
 
 It starts Ray and Serve in this process (the proxy with the failover middleware, as `make serve` does) and runs the
 graph with `--replicas` replicas of the ingress, the encoder and the decoder (the ImageCache has one). `--clients`
-closed-loop clients send `POST /v1/image/segment` (a 640x480 JPEG, one text prompt) with keep-alive connections.
+closed-loop clients send `POST /v1/image/segment` (640x480 JPEGs, `--images` distinct ones cycled, so that every
+request is encoded; one text prompt) with keep-alive connections.
 Every `--interval` seconds one replica of the next target is SIGKILLed (its process, as a crash or the OOM killer
 would). Printed per kill: the requests that failed (status, whether in the route's JSON shape), the requests that
 were re-sent (`failover` counters of /v1/stats and the proxy's log), the longest answer in the `--interval` after
@@ -79,23 +80,32 @@ def start(args: argparse.Namespace) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-async def load(client: Client, raw: bytes, clients: int, stop: asyncio.Event, answers: list[Answer],
+async def load(client: Client, raws: list[bytes], clients: int, stop: asyncio.Event, answers: list[Answer],
                timeout: float) -> None:
+    sent = 0
+
     async def one() -> None:
+        nonlocal sent
         while not stop.is_set():
-            answers.append(await client.send(raw, timeout))
+            sent += 1
+            answer = await client.send(raws[sent % len(raws)], timeout)
+            answers.append(answer)
+            if answer.status == -1:  # nothing listens (the proxy died): try again shortly, as a client would
+                await asyncio.sleep(0.1)
 
     await asyncio.gather(*(one() for _ in range(clients)))
 
 
 async def run(args: argparse.Namespace, url: str) -> list[dict]:
-    body = json.dumps({"image": jpeg_b64(make_image(7, 480, 640)),
-                       "prompts": [{"type": "concept", "text": "a red square"}], "output": "rle"}).encode()
     client = Client(url)
-    raw = client.request(body, None)
+    # distinct images, so that every request is encoded (a repeated image is an embedding cache hit, and an
+    # encoder kill would then find nothing in flight)
+    raws = [client.request(json.dumps({"image": jpeg_b64(make_image(seed, 480, 640)), "output": "rle",
+                                       "prompts": [{"type": "concept", "text": "a red square"}]}).encode(), None)
+            for seed in range(args.images)]
     answers: list[Answer] = []
     stop = asyncio.Event()
-    loader = asyncio.create_task(load(client, raw, args.clients, stop, answers, args.client_timeout))
+    loader = asyncio.create_task(load(client, raws, args.clients, stop, answers, args.client_timeout))
     await asyncio.sleep(args.warmup)
     kills = []
     for target in args.targets:
@@ -150,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], default=list(TARGETS))
     parser.add_argument("--interval", type=float, default=25.0, help="seconds between kills")
     parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--images", type=int, default=256, help="distinct images, cycled (each one encoded)")
     parser.add_argument("--retries", type=int, default=3, help="SAM3_FAILOVER_RETRIES (0: no retry)")
     parser.add_argument("--client-timeout", type=float, default=120.0)
     parser.add_argument("--app", default="sam3")
