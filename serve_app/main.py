@@ -65,7 +65,8 @@ def main() -> int:
     logger.info("sam3-serve ready on http://%s:%d (model %s); API docs at /docs", config.host, config.port, config.model)
     stop.wait()
     shut_down(config.shutdown_grace_s + SHUTDOWN_MARGIN_S)
-    return 0
+    logging.shutdown()
+    os._exit(0)  # Ray has stopped: the interpreter's own exit could still wait on a thread of Ray's client
 
 
 SHUTDOWN_MARGIN_S = 2.0  # past the replicas' grace: Serve deleting the application, then Ray stopping its processes
