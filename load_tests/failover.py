@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from load_tests.bench_overload import Answer, Client, pct  # noqa: E402
-from load_tests.harness import free_port, jpeg_b64, make_image, serve_processes  # noqa: E402
+from load_tests.harness import jpeg_b64, make_image, serve_processes, start_graph  # noqa: E402
 
 TARGETS = ("ImageEncoder", "Decoder", "ImageCache", "Ingress")
 SERVE_TARGETS = ("proxy", "ServeController")  # Serve's own processes: --targets proxy,ServeController
@@ -58,26 +58,11 @@ def running(app: str, deployment: str) -> int:
 
 
 def start(args: argparse.Namespace) -> str:
-    import logging
-
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
     from serve_app.core.config import Config
-    from serve_app.core.failover import enable_proxy_failover
-    from serve_app.core.stats import apply_allocator_env
 
-    apply_allocator_env()
-    os.environ["SAM3_FAILOVER_RETRIES"] = str(args.retries)  # the proxy's middleware reads it (the graph: Config)
-    enable_proxy_failover()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = Config(ingress_replicas=args.replicas, encoder_replicas=args.replicas, decoder_replicas=args.replicas,
                     failover_retries=args.retries, state_dir=args.state_dir, web_ui=False)
-    serve.run(build_app(config), name=args.app, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return start_graph(config, args.app)
 
 
 async def load(client: Client, raws: list[bytes], clients: int, stop: asyncio.Event, answers: list[Answer],

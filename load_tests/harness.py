@@ -155,3 +155,29 @@ def init_ray(tries: int = 3) -> None:
             ray.shutdown()
             if attempt == tries - 1:
                 raise
+
+
+def start_graph(config, app: str = "sam3", request_timeout_s: float | None = None) -> str:
+    """Ray and Serve in this process as `make serve` starts them (allocator settings, the proxy's failover
+    middleware with `config`'s retries), then `build_app(config)` at `/`; returns the base URL."""
+    import logging
+    import os
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from serve_app.core.failover import enable_proxy_failover
+    from serve_app.core.stats import apply_allocator_env
+
+    apply_allocator_env()
+    os.environ["SAM3_FAILOVER_RETRIES"] = str(config.failover_retries)  # the proxy's middleware reads it
+    enable_proxy_failover()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    port = free_port()
+    http = {"host": "127.0.0.1", "port": port}
+    if request_timeout_s is not None:
+        http["request_timeout_s"] = request_timeout_s
+    serve.start(http_options=http)
+    serve.run(build_app(config), name=app, route_prefix="/")
+    return f"http://127.0.0.1:{port}"

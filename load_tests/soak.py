@@ -29,7 +29,6 @@ import argparse
 import base64
 import io
 import json
-import logging
 import os
 import random
 import signal
@@ -44,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from load_tests.bench_overload import pct  # noqa: E402
-from load_tests.harness import free_port, make_image  # noqa: E402
+from load_tests.harness import make_image, start_graph  # noqa: E402
 
 KEY = "soak-key"
 TEXT = "a red square"
@@ -328,25 +327,12 @@ def slope_mib_per_h(points: list[tuple[float, float]]) -> float | None:
 
 
 def start(args: argparse.Namespace) -> str:
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
     from serve_app.core.config import Config
-    from serve_app.core.failover import enable_proxy_failover
-    from serve_app.core.stats import apply_allocator_env
 
-    apply_allocator_env()
-    os.environ["SAM3_FAILOVER_RETRIES"] = str(args.retries)  # the proxy's middleware reads it (the graph: Config)
-    enable_proxy_failover()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     config = Config(api_keys=[KEY], ingress_replicas=args.replicas, encoder_replicas=args.replicas,
                     decoder_replicas=args.replicas, state_dir=args.state_dir, web_ui=False, url_allowlist=[],
                     failover_retries=args.retries)
-    serve.run(build_app(config), name="sam3", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return start_graph(config, request_timeout_s=120)
 
 
 def capacity(traffic: Traffic, seconds: float, clients: int = 6) -> float:

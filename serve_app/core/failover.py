@@ -281,17 +281,13 @@ def _with_timeout(scope: Scope, seconds: float) -> Scope:
 
 def _once(body: bytes, gone: asyncio.Event) -> Receive:
     """A receive for one try: the kept body, then (once the client leaves) the disconnect."""
-    sent = False
+    from serve_app.core.http import _replay
 
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def disconnect() -> Message:
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    return receive
+    return _replay(body, disconnect)
 
 
 def _replaying(first: list[Message], receive: Receive) -> Receive:
@@ -313,30 +309,27 @@ async def _refused(route: str, scope: Scope, send: Send, start: Message) -> None
     """Serve's proxy refused the request (the ingress' queue, `max_queued_requests`, is full): the same 503 and
     Retry-After, in the route's error shape rather than Serve's plain text."""
     from serve_app.core.admission import Overloaded
-    from serve_app.core.http import error_response
 
     retry = next((v for k, v in start.get("headers", ()) if k.lower() == b"retry-after"), b"1")
     seconds = int(retry) if retry.isdigit() else 1
-    exc = Overloaded("the service's request queue is full; retry shortly", retry_after_s=seconds)
-
-    async def closed() -> Message:
-        return {"type": "http.disconnect"}
-
-    await error_response(route, exc)(scope, closed, send)
+    await _answer(route, scope, send, Overloaded("the service's request queue is full; retry shortly",
+                                                 retry_after_s=seconds))
 
 
 async def _unavailable(route: str, scope: Scope, send: Send, tries: int) -> None:
     from serve_app.core.errors import ServiceUnavailable
-    from serve_app.core.http import error_response
 
-    exc = ServiceUnavailable(f"the replica serving this request died before it answered ({tries} "
-                             f"{'try' if tries == 1 else 'tries'}); retry")
+    await _answer(route, scope, send, ServiceUnavailable(
+        f"the replica serving this request died before it answered ({tries} {'try' if tries == 1 else 'tries'}); "
+        "retry"))
 
-    async def closed() -> Message:
-        return {"type": "http.disconnect"}
+
+async def _answer(route: str, scope: Scope, send: Send, exc) -> None:
+    """`exc` in the shape of the front door that owns `route` (serve_app/core/http.error_response)."""
+    from serve_app.core.http import _closed, error_response
 
     try:
-        await error_response(route, exc)(scope, closed, send)
+        await error_response(route, exc)(scope, _closed, send)
     except Exception as failure:  # noqa: BLE001 - the client is gone: nobody to answer
         logger.debug("could not answer %s: %s", scope.get("path"), failure)
 

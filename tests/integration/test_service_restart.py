@@ -129,6 +129,14 @@ def _stop_under_load(url: str, proc: subprocess.Popen, how: str, image: str) -> 
 STOP_WITHIN_S = 10.0
 
 
+def _assert_clean_stop(url: str, proc: subprocess.Popen, how: str, image: str, log: Path) -> None:
+    seconds, statuses, left = _stop_under_load(url, proc, how, image)
+    print(f"{how}: exited in {seconds:.1f} s, in flight {statuses}, left {left}")
+    assert seconds <= STOP_WITHIN_S, f"{how} took {seconds:.1f} s:\n" + log.read_text()[-3000:]
+    assert statuses and set(statuses) <= {200, 503}, statuses
+    assert not left, left
+
+
 @pytest.mark.slow
 def test_queue_survives_stopping_and_starting_the_service(tmp_path, image_server):
     """`make serve`, stopped and started again on the same SQLite state: a finished result and jobs still queued
@@ -152,12 +160,8 @@ def test_queue_survives_stopping_and_starting_the_service(tmp_path, image_server
         finished = _poll(url, done)
         assert finished["status"] == "succeeded", finished
         pending = [_enqueue(url, image_server, 331 + i) for i in range(4)]
-        seconds, statuses, left = _stop_under_load(url, proc, "ctrl-c", image)
         stopped = True
-        print(f"Ctrl-C: exited in {seconds:.1f} s, in flight {statuses}, left {left}")
-        assert seconds <= STOP_WITHIN_S, f"Ctrl-C took {seconds:.1f} s:\n" + (tmp_path / "first.log").read_text()[-3000:]
-        assert statuses and set(statuses) <= {200, 503}, statuses
-        assert not left, left
+        _assert_clean_stop(url, proc, "ctrl-c", image, tmp_path / "first.log")
     finally:
         if not stopped:
             _stop(proc)
@@ -170,12 +174,8 @@ def test_queue_survives_stopping_and_starting_the_service(tmp_path, image_server
         assert requests.get(again["result"]["images"][0]["url"], timeout=30).status_code == 200
         outcomes = [_poll(url, gen_id, timeout_s=240) for gen_id in pending]
         assert [o["status"] for o in outcomes] == ["succeeded"] * 4, outcomes
-        seconds, statuses, left = _stop_under_load(url, proc, "sigterm", image)
         stopped = True
-        print(f"SIGTERM: exited in {seconds:.1f} s, in flight {statuses}, left {left}")
-        assert seconds <= STOP_WITHIN_S, f"SIGTERM took {seconds:.1f} s:\n" + (tmp_path / "second.log").read_text()[-3000:]
-        assert statuses and set(statuses) <= {200, 503}, statuses
-        assert not left, left
+        _assert_clean_stop(url, proc, "sigterm", image, tmp_path / "second.log")
     finally:
         if not stopped:
             _stop(proc)
