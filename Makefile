@@ -3,23 +3,40 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+# The environment comes from a lock (requirements/, docs/deploy.md): `make install` installs it, `make lock` writes it.
+# FLAVOR picks torch's build: cpu (requirements/cpu.lock, torch +cpu) unless nvidia-smi is found; FLAVOR=cuda or
+# FLAVOR=cpu to choose. TORCH_VERSION is the torch `make lock` pins (the locks hold it; installing reads the lock).
 TORCH_VERSION ?= 2.13.0
-STAMP := $(VENV)/.installed
+FLAVOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+LOCK := requirements/$(FLAVOR).lock
+STAMP := $(VENV)/.installed-$(FLAVOR)
+ifeq ($(filter $(FLAVOR),cpu cuda),)
+$(error FLAVOR=$(FLAVOR): cpu or cuda (requirements/cpu.lock, requirements/cuda.lock))
+endif
 
-.PHONY: serve test test-maxima test-autoscale unit integration bench install clean system-deps
+.PHONY: serve test test-maxima test-autoscale unit integration bench install lock clean system-deps
 
-$(STAMP): pyproject.toml
+# Exactly the lock's pins, hashes required, nothing resolved (requirements/install.sh, the step the images run too):
+# torch is the lock's build (+cpu in cpu.lock: a CPU machine never gets the multi-GB CUDA stack); inference-sdk comes
+# from requirements/no-deps.lock without its dependencies (it pins opencv-python, a second cv2 over the headless one,
+# and an older numpy; what it uses is in the test extra, docs/sdks.md); then the project itself, --no-deps.
+# Reinstalls when pyproject.toml, a lock or the script changes; otherwise `make install` does nothing.
+$(STAMP): pyproject.toml $(LOCK) requirements/no-deps.lock requirements/install.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	# torch first: a bare `torch` requirement would pull the multi-GB CUDA stack on a CPU machine.
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -e ".[test]"
-	# inference-sdk pins opencv-python (a second cv2 over the headless one) and an older numpy: its own
-	# dependencies are in the test extra, the package itself goes in without them (docs/sdks.md)
-	$(PIP) install --quiet --no-deps inference-sdk==1.8.3
+	sh requirements/install.sh deps $(PY) $(LOCK)
+	sh requirements/install.sh project $(PY) -e .
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The one command that refreshes requirements/cpu.lock, cuda.lock and no-deps.lock from pyproject.toml (and
+# requirements/no-deps.in), with uv (in the test extra) and pip's own indexes. Pins still allowed are kept;
+# UPGRADE=1 takes the newest releases instead; LOCK_ARGS passes more uv arguments (e.g. LOCK_ARGS="-c FILE").
+# tests/unit/test_lock.py fails while pyproject.toml and the locks disagree.
+lock:
+	test -x $(VENV)/bin/uv || $(MAKE) install
+	$(PY) requirements/lock.py --torch $(TORCH_VERSION) $(if $(UPGRADE),--upgrade) -- $(LOCK_ARGS)
 
 serve: $(STAMP)
 	$(PY) -m serve_app.main
