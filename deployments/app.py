@@ -14,6 +14,7 @@ from deployments.stream import VideoStreams
 from deployments.ui import WebUI
 from deployments.video import VideoSessions
 from serve_app.core.config import Config
+from serve_app.core.logs import serve_logging_config
 
 
 def _scaling(config: Config, replicas: int) -> dict:
@@ -44,6 +45,12 @@ def _stopping(config: Config) -> dict:
             "graceful_shutdown_wait_loop_s": min(0.5, max(config.shutdown_grace_s, 0.1))}
 
 
+def _logs(config: Config, deployment) -> dict:
+    """The deployment's LoggingConfig: SAM3_LOG_FORMAT and SAM3_LOG_LEVEL over its own (enable_access_log)."""
+    return {"logging_config": serve_logging_config(config.log_format, config.log_level,
+                                                   **(deployment.logging_config or {}))}
+
+
 def build_app(config: Config) -> Application:
     service = {"num_cpus": config.num_cpus, "resources": dict(config.service_resources)}  # the CPU-side replicas
     stopping = _stopping(config)
@@ -51,28 +58,28 @@ def build_app(config: Config) -> Application:
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.encoder_num_gpus,
                            "resources": dict(config.model_resources)},
         max_ongoing_requests=max(16, 2 * config.encoder_max_batch_size),
-        max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE, **stopping,
+        max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE, **stopping, **_logs(config, ImageEncoder),
         **_scaling(config, config.encoder_replicas),
     ).bind(config)
     decoder = Decoder.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.decoder_num_gpus,
                            "resources": dict(config.model_resources)},
         max_ongoing_requests=8, max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE, **stopping,
-        **_scaling(config, config.decoder_replicas),
+        **_logs(config, Decoder), **_scaling(config, config.decoder_replicas),
     ).bind(config)
-    cache = ImageCache.options(ray_actor_options=service, **stopping).bind(encoder, config)
-    sessions = VideoSessions.options(ray_actor_options=service, **stopping).bind(config)
-    streams = VideoStreams.options(ray_actor_options=service, **stopping).bind(config)
-    jobs = JobStore.options(ray_actor_options=service, **stopping).bind(config)
+    cache = ImageCache.options(ray_actor_options=service, **stopping, **_logs(config, ImageCache)).bind(encoder, config)
+    sessions = VideoSessions.options(ray_actor_options=service, **stopping, **_logs(config, VideoSessions)).bind(config)
+    streams = VideoStreams.options(ray_actor_options=service, **stopping, **_logs(config, VideoStreams)).bind(config)
+    jobs = JobStore.options(ray_actor_options=service, **stopping, **_logs(config, JobStore)).bind(config)
     runner = JobRunner.options(
-        ray_actor_options=service, num_replicas=config.jobs_runner_replicas, **stopping
+        ray_actor_options=service, num_replicas=config.jobs_runner_replicas, **stopping, **_logs(config, JobRunner)
     ).bind(encoder, decoder, sessions, jobs, config, cache)
-    ui = (WebUI.options(ray_actor_options=service, **stopping).bind(encoder, decoder, sessions, config, cache)
-          if config.web_ui else None)
+    ui = (WebUI.options(ray_actor_options=service, **stopping, **_logs(config, WebUI))
+          .bind(encoder, decoder, sessions, config, cache) if config.web_ui else None)
     return Ingress.options(
         ray_actor_options=service,
         max_ongoing_requests=256, max_queued_requests=INGRESS_QUEUE, backpressure_config=BACKPRESSURE, **stopping,
-        **_scaling(config, config.ingress_replicas),
+        **_logs(config, Ingress), **_scaling(config, config.ingress_replicas),
     ).bind(encoder, decoder, config, sessions, jobs, runner, cache, ui, streams)
 
 

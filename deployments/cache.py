@@ -9,7 +9,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.handles import Failover, RayGraph
+from deployments.handles import Failover, RayGraph, replica_logging
 from serve_app.core.cache import CachedEmbedding, CachedLogits
 from serve_app.core.config import Config
 from serve_app.image.caches import LocalCaches
@@ -18,6 +18,7 @@ from serve_app.image.caches import LocalCaches
 @serve.deployment(name="ImageCache", num_replicas=1, max_ongoing_requests=1024, logging_config={"enable_access_log": False})
 class ImageCache:
     def __init__(self, encoder: DeploymentHandle, config: Config) -> None:
+        replica_logging(config)
         self.caches = LocalCaches(config, RayGraph(encoder, None, config.request_timeout_s,
                                                              Failover(config.failover_retries)))
 

@@ -14,12 +14,16 @@ import time
 
 import torch
 from ray import serve
+from ray.serve import metrics  # Serve tags: deployment, replica, application
 
+from deployments.handles import replica_logging
 from serve_app.core.admission import check_deadline
 from serve_app.core.config import Config
 from serve_app.core.types import Prompt, SegmentParams, SegmentResult
 from serve_app.image.engine import ImageEngine
 from serve_app.image.models import load_bundle
+
+QUEUE_WAIT_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 
 
 def _expired(deadline: float) -> bool:
@@ -29,12 +33,19 @@ def _expired(deadline: float) -> bool:
 @serve.deployment(name="Decoder")
 class Decoder:
     def __init__(self, config: Config) -> None:
+        replica_logging(config)
         self.engine = ImageEngine(load_bundle(config), prompt_batch=config.decoder_prompt_batch)
         self.timeout_s = config.request_timeout_s  # the longest any request may take (a call without a deadline)
         self.threads = asyncio.Semaphore(config.decoder_threads)
         self.running = 0
         self.counts = {"requests": 0, "decoded": 0, "failed": 0, "dropped_expired": 0, "dropped_cancelled": 0,
                        "stopped_expired": 0, "stopped_cancelled": 0}
+        self._prompts = metrics.Histogram(
+            "sam3_decoder_batch_size", description="Prompts per decode call (one request's prompt set, decoded "
+            "SAM3_DECODER_PROMPT_BATCH at a time).", boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self._queue_wait = metrics.Histogram(
+            "sam3_decoder_queue_wait_ms", description="Milliseconds a decode call waited for one of the replica's "
+            "SAM3_DECODER_THREADS before it started.", boundaries=QUEUE_WAIT_BUCKETS_MS)
 
     async def decode(
         self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
@@ -43,12 +54,14 @@ class Decoder:
         """`deadline`: wall-clock seconds (time.time()) past which nobody waits for the answer."""
         self.counts["requests"] += 1
         deadline = time.time() + self.timeout_s if deadline is None else deadline
-        started = False
+        started, queued = False, time.perf_counter()
         try:
             if not _expired(deadline):
                 async with self.threads:
                     if not _expired(deadline):
                         started = True
+                        self._queue_wait.observe((time.perf_counter() - queued) * 1000)
+                        self._prompts.observe(len(prompts))
                         return await self._run(embedding, prompts, params, size, deadline)
             self.counts["dropped_expired"] += 1
             check_deadline(deadline, "before the decoder got to it")

@@ -8,8 +8,9 @@ import time
 import numpy as np
 import torch
 from ray import serve
-from ray.util import metrics
+from ray.serve import metrics  # Serve tags: deployment, replica, application
 
+from deployments.handles import replica_logging
 from serve_app.core.admission import check_deadline
 from serve_app.core.config import Config
 from serve_app.core.stats import BatchStats
@@ -19,10 +20,13 @@ from serve_app.image.imageio import ImageLoader
 from serve_app.image.models import load_bundle
 from serve_app.image.service import EncoderInput
 
+QUEUE_WAIT_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+
 
 @serve.deployment(name="ImageEncoder")
 class ImageEncoder:
     def __init__(self, config: Config) -> None:
+        replica_logging(config)
         self.engine = ImageEngine(load_bundle(config))
         self.loader = ImageLoader.from_config(config, None)  # decodes only: the ingress fetched the bytes
         self.stats = BatchStats()
@@ -30,19 +34,29 @@ class ImageEncoder:
             "sam3_encoder_batch_size", description="Images per encoder batch.", boundaries=[1, 2, 4, 8, 16, 32, 64]
         )
         self._images = metrics.Counter("sam3_encoder_images", description="Images encoded.")
+        self._queue_wait = metrics.Histogram(
+            "sam3_encoder_queue_wait_ms", description="Milliseconds an image waited in the encoder's batcher before "
+            "its batch started.", boundaries=QUEUE_WAIT_BUCKETS_MS)
         self.batcher = Batcher(
-            self.engine.encode, config.encoder_max_batch_size, config.encoder_batch_wait_timeout_s, self._record
+            self._encode_batch, config.encoder_max_batch_size, config.encoder_batch_wait_timeout_s, self._record
         )
 
     async def encode(self, image: EncoderInput | np.ndarray) -> torch.Tensor:
         """One image's embedding; encoded bytes are decoded here, in a thread, off the single ingress."""
         if isinstance(image, np.ndarray):
-            return await self.batcher.submit(image)
+            return await self.batcher.submit((time.perf_counter(), image))
         if image.deadline is not None and time.time() >= image.deadline:  # not even decoded: nobody waits for it
             self.batcher.dropped["expired"] += 1
             check_deadline(image.deadline, "before the image encoder got to it")
         pixels = image.pixels if image.pixels is not None else await asyncio.to_thread(image.decoded, self.loader)
-        return await self.batcher.submit(pixels, image.in_flight, image.deadline)
+        return await self.batcher.submit((time.perf_counter(), pixels), image.in_flight, image.deadline)
+
+    def _encode_batch(self, items: list[tuple[float, np.ndarray]]) -> list[torch.Tensor]:
+        """The batcher's run: items are (queued at, pixels); each one's wait goes to sam3_encoder_queue_wait_ms."""
+        started = time.perf_counter()
+        for queued, _ in items:
+            self._queue_wait.observe((started - queued) * 1000)
+        return self.engine.encode([pixels for _, pixels in items])
 
     def _record(self, size: int) -> None:
         self.stats.record(size)

@@ -13,6 +13,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from serve_app.core.admission import Overloaded, current_deadline, remaining_s
 from serve_app.core.config import Config
 from serve_app.core.errors import GatewayTimeout, Gone, Sam3Error, ServiceUnavailable
+from serve_app.core.logs import forward_to_serve_log
 from serve_app.core.media import MediaItem, MediaStore
 from serve_app.core.state import KV, open_kv
 from serve_app.core.types import Prompt, SegmentParams, SegmentResult
@@ -30,6 +31,14 @@ def shared_kv(config: Config) -> KV:
     except Exception:  # noqa: BLE001 - outside a replica (a driver script): one namespace for it
         namespace = "default"
     return open_kv(config, namespace)
+
+
+def replica_logging(config: Config) -> None:
+    """First thing in every replica: our loggers write into Serve's log of this replica at SAM3_LOG_LEVEL, each line
+    with the id of the request being served (Serve's request context; serve_app/core/logs.py)."""
+    from ray.serve.context import _get_serve_request_context
+
+    forward_to_serve_log(config.log_level, lambda: _get_serve_request_context().request_id)
 
 
 def shared_media(config: Config) -> MediaStore:

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.util import metrics
+from ray.serve import metrics  # Serve tags: deployment, replica, application
 
 from deployments.handles import (
     Failover,
@@ -20,6 +20,7 @@ from deployments.handles import (
     RayStreamBackend,
     RayVideoBackend,
     await_call,
+    replica_logging,
     shared_media,
 )
 from serve_app.core.admission import Admission
@@ -94,6 +95,7 @@ class Ingress:
         cache: DeploymentHandle | None = None, ui: DeploymentHandle | None = None,
         streams: DeploymentHandle | None = None,
     ) -> None:
+        replica_logging(config)
         self.config = config
         self.sessions = sessions
         self.failover = Failover(config.failover_retries)  # idempotent calls re-sent when their replica dies

@@ -11,8 +11,17 @@ import time
 import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve import metrics  # Serve tags: deployment, replica, application
 
-from deployments.handles import Failover, RayCaches, RayGraph, RayVideoBackend, shared_kv, shared_media
+from deployments.handles import (
+    Failover,
+    RayCaches,
+    RayGraph,
+    RayVideoBackend,
+    replica_logging,
+    shared_kv,
+    shared_media,
+)
 from serve_app.core.config import Config
 from serve_app.core.state import state_location
 from serve_app.image.service import SegmentService
@@ -50,13 +59,22 @@ class JobStore:
     """The one source of truth for jobs. Its watchdog fails jobs whose worker stopped heartbeating."""
 
     def __init__(self, config: Config) -> None:
+        replica_logging(config)
         epoch = secrets.token_hex(4)
         self.kv = shared_kv(config)
         repo = JobRepo(self.kv, clock=time.monotonic, wall=time.time)
         book = JobBook(JobLimits.from_config(config), epoch=epoch, previous_epochs=_remember_epoch(epoch), repo=repo)
         self.core = JobStoreCore(book, shared_media(config))
         logger.info("job store %s: %d jobs restored from %s", book.epoch, len(book), state_location(config))
+        self._depth = metrics.Gauge("sam3_jobs", description="Jobs in the async queue (Oxen /api/ai/queue, Segmind "
+                                    "/v2) by status: queued (waiting for a worker), running.", tag_keys=("status",))
+        self._report()
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
+
+    def _report(self) -> None:
+        stats = self.core.book.stats()
+        for status in ("queued", "running"):
+            self._depth.set(stats[status], tags={"status": status})
 
     async def _sweep(self) -> None:
         sweeps = 0
@@ -65,6 +83,7 @@ class JobStore:
             try:
                 for job_id in self.core.book.sweep():
                     logger.warning("generation %s failed by the watchdog", job_id)
+                self._report()
                 sweeps += 1
                 if sweeps % PURGE_EVERY_SWEEPS == 0:  # expired media files and events, whoever wrote them
                     self.kv.purge_expired()
@@ -133,6 +152,7 @@ class JobRunner:
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, sessions: DeploymentHandle,
         store: DeploymentHandle, config: Config, cache: DeploymentHandle | None = None,
     ) -> None:
+        replica_logging(config)
         failover = Failover(config.failover_retries)
         caches = None if cache is None else RayCaches(cache, config.request_timeout_s, failover)
         service = SegmentService(config, RayGraph(encoder, decoder, config.request_timeout_s, failover), caches=caches)

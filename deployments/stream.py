@@ -14,8 +14,9 @@ from collections import deque
 
 import ray
 from ray import serve
+from ray.serve import metrics  # Serve tags: deployment, replica, application
 
-from deployments.handles import unwrap
+from deployments.handles import replica_logging, unwrap
 from serve_app.core.config import Config
 from serve_app.core.errors import Sam3Error
 from serve_app.core.stats import rss_bytes
@@ -90,11 +91,15 @@ class VideoStreams:
     """The registry of live streams: who owns which, the SAM3_VIDEO_MAX_STREAMS cap, the idle sweep."""
 
     def __init__(self, config: Config) -> None:
+        replica_logging(config)
         self.config = config
         self.registry: SessionRegistry[ray.actor.ActorHandle] = SessionRegistry(config.video_max_streams, math.inf)
         self.app = serve.get_replica_context().app_name or "default"
         self._model_ref = ray.put(load_video_model(config)) if built_in_code(config.model) else None
         self._owners: dict[str, str] = {}  # open stream id -> owner, for the sweep
+        self._open = metrics.Gauge("sam3_video_streams_open", description="Live video streams open (this replica's "
+                                   "registry; SAM3_VIDEO_MAX_STREAMS caps them).")
+        self._open.set(0)
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
 
     def actor_name(self, stream_id: str) -> str:
@@ -118,6 +123,7 @@ class VideoStreams:
             raise unwrap(exc) from None
         self.registry.add(stream_id, owner, actor)
         self._owners[stream_id] = owner
+        self._open.set(len(self.registry))
         logger.info("video stream %s opened (%s)", stream_id, info["mode"])
         return {"stream_id": stream_id, "actor": actor, "actor_name": self.actor_name(stream_id), **info}
 
@@ -130,6 +136,7 @@ class VideoStreams:
         except Sam3Error:
             return
         self._owners.pop(stream_id, None)
+        self._open.set(len(self.registry))
         if record is not None:
             await self._stop(record.handle)
             logger.info("video stream %s closed", stream_id)
@@ -148,6 +155,7 @@ class VideoStreams:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_EVERY_S)
+            self._open.set(len(self.registry))  # Ray drops a gauge not set again within two report intervals
             for stream_id, owner in list(self._owners.items()):
                 try:
                     actor = self.registry.get(stream_id, owner).handle

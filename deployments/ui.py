@@ -6,7 +6,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.handles import Failover, RayCaches, RayGraph, RayVideoBackend
+from deployments.handles import Failover, RayCaches, RayGraph, RayVideoBackend, replica_logging
 from serve_app.core.config import Config
 from serve_app.image.service import SegmentService
 from serve_app.ui.host import UIHost
@@ -22,6 +22,7 @@ class WebUI:
         self, encoder: DeploymentHandle, decoder: DeploymentHandle, sessions: DeploymentHandle, config: Config,
         cache: DeploymentHandle | None = None,
     ) -> None:
+        replica_logging(config)
         failover = Failover(config.failover_retries)
         set_video_backend(RayVideoBackend(sessions, failover))
         caches = None if cache is None else RayCaches(cache, config.request_timeout_s, failover)  # shared with the APIs

@@ -13,8 +13,9 @@ import time
 import numpy as np
 import ray
 from ray import serve
+from ray.serve import metrics  # Serve tags: deployment, replica, application
 
-from deployments.handles import shared_kv, unwrap
+from deployments.handles import replica_logging, shared_kv, unwrap
 from serve_app.core.config import Config
 from serve_app.core.errors import Gone, Sam3Error, TooManyRequests
 from serve_app.core.stats import rss_bytes
@@ -58,6 +59,7 @@ class VideoSessions:
     """
 
     def __init__(self, config: Config) -> None:
+        replica_logging(config)
         self.config = config
         self.registry: SessionRegistry[ray.actor.ActorHandle] = SessionRegistry(
             config.video_max_sessions, config.video_session_ttl_s, max_calls=config.video_session_max_calls
@@ -71,9 +73,12 @@ class VideoSessions:
         self.pool: WarmPool[ray.actor.ActorHandle] = WarmPool(
             config.video_warm_sessions, self._launch, _loaded, _kill
         )
+        self._open = metrics.Gauge("sam3_video_sessions_open", description="Open video sessions (this replica's "
+                                   "registry; SAM3_VIDEO_MAX_SESSIONS caps them).")
         self._adopt()
         self._reap()
         self.pool.fill(self.registry.free())
+        self._open.set(len(self.registry))
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
 
     def _launch(self) -> tuple[str, ray.actor.ActorHandle]:
@@ -147,6 +152,7 @@ class VideoSessions:
             raise
         loaded = time.perf_counter()
         self.registry.add(session_id, owner, actor)
+        self._open.set(len(self.registry))
         self.kv.put(SESSIONS, session_id, json.dumps({"owner": owner, "actor": name}).encode())
         # actor: waiting for a loaded actor (a pooled one: a ping); load: the actor's call, decode and VideoSession
         # inside it; create: all of this replica's part, the registry and the state store included
@@ -198,6 +204,7 @@ class VideoSessions:
         if self.lost.pop(session_id, None) == owner:
             return {"session_id": session_id, "closed": True}
         record = self.registry.remove(session_id, owner)
+        self._open.set(len(self.registry))
         if record is not None:
             self.kv.delete(SESSIONS, session_id)
             await self._stop(record.handle)
@@ -224,6 +231,7 @@ class VideoSessions:
                 self.kv.delete(SESSIONS, record.session_id)
                 logger.info("video session %s expired after %.0f s idle", record.session_id, self.config.video_session_ttl_s)
                 await self._stop(record.handle)
+            self._open.set(len(self.registry))  # expiries, and sessions whose actor was found dead
             try:
                 await self.pool.check()  # a pooled actor that died is replaced here, never handed out
                 self.pool.fill(self.registry.free())

@@ -13,6 +13,7 @@ from pathlib import Path
 from serve_app.core.config import Config
 from serve_app.core.errors import ModelLoadError
 from serve_app.core.failover import enable_proxy_failover
+from serve_app.core.logs import configure_driver_logging, serve_logging_config
 from serve_app.core.stats import apply_allocator_env
 
 logger = logging.getLogger("sam3_serve")
@@ -34,9 +35,20 @@ def bind_host(config: Config) -> str:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """`python -m serve_app.main`: the service configured from SAM3_* environment variables only."""
     try:
         config = Config.from_env()
+    except ValueError as exc:
+        print(f"sam3-serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    return serve(config)
+
+
+def serve(config: Config) -> int:
+    """Start Ray, Serve's HTTP proxy on config.host:config.port and the graph; return once stopped (Ctrl-C, SIGTERM).
+    `sam3-serve` (serve_app/cli.py) calls it with the configuration its flags, file and environment give."""
+    configure_driver_logging(config.log_format, config.log_level)  # SAM3_LOG_FORMAT, SAM3_LOG_LEVEL
+    try:
         from serve_app.image.models import probe_model  # before Ray starts: a bad SAM3_MODEL is one clear line
 
         probe_model(config.model)
@@ -53,14 +65,16 @@ def main() -> int:
     from deployments.app import build_app
 
     apply_allocator_env()  # before Ray starts: every Ray process inherits it
-    enable_proxy_failover()  # Serve's proxy resends a request whose ingress replica died (core/failover.py)
+    enable_proxy_failover(config)  # Serve's proxy resends a request whose ingress replica died (core/failover.py)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and an orchestrator's stop: the same clean stop
         signal.signal(signum, lambda *_: stop.set())
     group = os.getpgrp()
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     rejoin_process_group(group)
-    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
+    configure_driver_logging(config.log_format, config.log_level, also=("ray", "ray.serve"))  # Ray's lines here too
+    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s},
+                logging_config=serve_logging_config(config.log_format, config.log_level))  # the proxy, the controller
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     logger.info("sam3-serve ready on http://%s:%d (model %s); API docs at /docs", config.host, config.port, config.model)
     stop.wait()

@@ -14,17 +14,27 @@ _PREFIX = "SAM3_"
 class Config(BaseModel):
     """Every knob of the service. Defaults work on a laptop with no GPU."""
 
-    model: str = Field("tiny-random", description="`tiny-random`, a Hugging Face model id, or a local directory.")
+    model: str = Field(
+        "tiny-random", description="`tiny-random`, `full-random` (facebook/sam3's architecture, random weights: for "
+        "benchmarks), a Hugging Face model id (`facebook/sam3` is gated: accept the licence, set HF_TOKEN), or a "
+        "`save_pretrained` directory."
+    )
     device: str = Field("auto", description="`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="`auto` picks bfloat16 on CUDA and float32 on CPU."
     )
-    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds; loopback only while auth is off.")
+    host: str = Field(
+        "127.0.0.1", description="Address the HTTP proxy binds. With SAM3_API_KEYS empty, `sam3-serve` binds loopback "
+        "only (another address is ignored with a warning)."
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
 
     # Image limits
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest encoded image accepted.")
-    max_image_pixels: int = Field(40_000_000, ge=4, description="Largest decoded image (width × height).")
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Largest encoded image (base64-decoded or fetched)."
+    )
+    max_image_pixels: int = Field(40_000_000, ge=4, description="Largest decoded image (width × height), checked "
+        "from the header before decoding (decompression bombs).")
     min_image_side: int = Field(2, ge=1, description="Smallest accepted width or height.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body.")
     ingress_max_inflight_bytes: int = Field(
@@ -34,8 +44,10 @@ class Config(BaseModel):
 
     # Video limits (checked from the container header before decoding where it declares them)
     video_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest encoded video accepted.")
-    video_max_frames: int = Field(10_000, ge=1, description="Most frames decoded from one video.")
-    video_max_duration_s: float = Field(600.0, gt=0, description="Longest video accepted, in seconds.")
+    video_max_frames: int = Field(10_000, ge=1, description="Most frames decoded from one video; decoding "
+        "stops at the first frame over it.")
+    video_max_duration_s: float = Field(600.0, gt=0, description="Longest video accepted, in seconds (from the "
+        "container header and from frame timestamps).")
     video_max_frame_pixels: int = Field(4_000_000, ge=4, description="Largest video frame (width × height).")
     video_max_side: int = Field(4096, ge=2, description="Largest video frame width or height.")
     video_max_decoded_bytes: int = Field(
@@ -44,7 +56,8 @@ class Config(BaseModel):
         "from its container as it is tracked; a list of image frames over it stays encoded and is decoded as read.",
     )
     video_frame_cache_bytes: int = Field(
-        256 * 1024**2, ge=1024, description="Decoded frames a video re-read from its container (or kept encoded) keeps cached."
+        256 * 1024**2, ge=1024,
+        description="Decoded frames a video re-read from its container (or kept encoded) keeps cached."
     )
 
     # URL fetching
@@ -57,52 +70,65 @@ class Config(BaseModel):
 
     # Segmentation defaults and caps
     max_prompts: int = Field(16, ge=1, description="Prompts in one request.")
-    max_instances: int = Field(100, ge=1, description="Upper bound on instances returned per prompt.")
+    max_instances: int = Field(100, ge=1, description="Upper bound on instances returned per prompt "
+        "(caps a request's `max_instances`).")
     max_points: int = Field(64, ge=1, description="Clicks in one prompt.")
     max_boxes: int = Field(64, ge=1, description="Boxes in one prompt.")
 
     # Caches (one ImageCache replica owns them; every ingress replica reads them)
-    embedding_cache_entries: int = Field(64, ge=0, description="Image embeddings kept for reuse (0 disables).")
+    embedding_cache_entries: int = Field(64, ge=0, description="Image embeddings kept by the one ImageCache "
+        "replica (every ingress replica finds them), keyed by (API key, `image_id` or image digest); 0 disables.")
     embedding_cache_bytes: int = Field(2 * 1024**3, ge=0, description="Byte bound of the embedding cache.")
-    logits_cache_entries: int = Field(1024, ge=0, description="Images whose visual-prompt logits are kept.")
+    logits_cache_entries: int = Field(1024, ge=0, description="Images whose low-res visual-prompt logits are "
+        "kept for refinement (Roboflow `save_logits_to_cache`).")
     logits_cache_bytes: int = Field(512 * 1024**2, ge=0, description="Byte bound of the logits cache.")
 
     # Generated files (edited images and masks served back by URL, in the shared state store)
     media_max_bytes: int = Field(
-        256 * 1024**2, ge=1024, description="Byte bound of the shared media store; the oldest files go first."
+        256 * 1024**2, ge=1024, description="Byte bound of the shared media store (Oxen's edited images and masks, "
+        "finished jobs' files); the oldest files go first."
     )
     media_ttl_s: float = Field(3600.0, gt=0, description="Seconds a generated file's URL stays valid.")
 
     # Video sessions
-    video_max_sessions: int = Field(8, ge=1, description="Open video sessions at once (over it: 429).")
-    video_session_ttl_s: float = Field(600.0, gt=0, description="A session idle this long is closed.")
+    video_max_sessions: int = Field(8, ge=1, description="Open video sessions at once (over it: 429); "
+        "live streams count apart (SAM3_VIDEO_MAX_STREAMS).")
+    video_session_ttl_s: float = Field(600.0, gt=0, description="A session idle this long is closed and its actor "
+        "freed.")
     video_num_gpus: float = Field(0.0, ge=0, description="GPU fraction of each session's tracker actor.")
     video_warm_sessions: int = Field(
         1, ge=0, description="Tracker actors kept started with the model loaded, so opening a session costs only "
-        "its decode (0 disables); never more than the places left under SAM3_VIDEO_MAX_SESSIONS.",
+        "its decode (0 disables); refilled in the background after each open; never more than the places left under "
+        "SAM3_VIDEO_MAX_SESSIONS; each waiting actor holds SAM3_VIDEO_NUM_GPUS and a model copy.",
     )
     video_max_objects: int = Field(32, ge=1, description="Objects one session may track.")
 
     # Live video streams (WebSocket /v1/video/streams, docs/video-streams.md)
-    video_max_streams: int = Field(4, ge=1, description="Live streams open at once (over it: close code 4429).")
+    video_max_streams: int = Field(4, ge=1, description="Live streams open at once (over it: "
+        "close code 4429); each holds a tracker actor like a session (SAM3_VIDEO_NUM_GPUS too).")
     video_stream_max_in_flight: int = Field(
         2, ge=1, description="Frames of one stream queued or being tracked at once; a frame pushed beyond it is "
         "dropped and answered `dropped`."
     )
     video_stream_max_frame_bytes: int = Field(
-        8 * 1024 * 1024, ge=1024, description="Largest encoded frame (one binary WebSocket message) of a stream."
+        8 * 1024 * 1024, ge=1024, description="Largest encoded frame (one binary WebSocket message) of a stream; a "
+        "larger one is answered with a `payload_too_large` error (frames also obey SAM3_VIDEO_MAX_FRAME_PIXELS and "
+        "SAM3_VIDEO_MAX_SIDE)."
     )
     video_stream_idle_s: float = Field(
         60.0, gt=0, description="A stream that gets no message this long is closed (close code 4504)."
     )
 
     # Async queue (Oxen /api/ai/queue, /api/events): one JobStore, JobRunner replicas run the jobs
-    jobs_max: int = Field(10_000, ge=1, description="Job records held (all keys); finished ones are dropped first.")
+    jobs_max: int = Field(10_000, ge=1, description="Job records held (all keys); "
+        "the oldest finished ones are dropped first, then 429.")
     jobs_max_queued_per_key: int = Field(32, ge=1, description="Queued + running jobs of one API key (over it: 429).")
     jobs_ttl_s: float = Field(3600.0, gt=0, description="Seconds a finished job (and its events) is kept.")
-    jobs_timeout_s: float = Field(1800.0, gt=0, description="Longest a job may run before it is failed.")
+    jobs_timeout_s: float = Field(1800.0, gt=0, description="Longest a job may run before it is failed "
+        "(`timeout`).")
     jobs_heartbeat_timeout_s: float = Field(
-        15.0, gt=0, description="A running job whose worker sent no heartbeat for this long is failed."
+        15.0, gt=0, description="A running job whose worker sent no heartbeat for this long is failed (`worker_died`); "
+        "workers beat every fifth of it."
     )
     jobs_concurrency: int = Field(2, ge=1, description="Jobs one JobRunner replica runs at once.")
     jobs_runner_replicas: int = Field(1, ge=1, description="JobRunner replicas.")
@@ -141,7 +167,8 @@ class Config(BaseModel):
     decoder_replicas: int = Field(1, ge=1, description="Decoder replicas (without autoscaling).")
     ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (without autoscaling).")
     web_ui: bool = Field(True, description="Serve the web UI at /ui (a WebUI replica holding the Gradio app).")
-    autoscale: bool = Field(False, description="Use Ray Serve autoscaling instead of fixed replica counts.")
+    autoscale: bool = Field(False, description="Use Ray Serve autoscaling "
+        "(1 to SAM3_AUTOSCALE_MAX_REPLICAS replicas of the ingress, encoder and decoder) instead of fixed counts.")
     autoscale_max_replicas: int = Field(4, ge=1, description="Most replicas per deployment when autoscaling.")
     autoscale_target_ongoing_requests: float = Field(
         4.0, gt=0, description="Ongoing requests per replica that autoscaling aims for (more: add replicas)."
@@ -193,6 +220,16 @@ class Config(BaseModel):
         "past it: 429 with Retry-After."
     )
 
+    # Logs (docs/operations.md, "Request ids and logs")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`text` (Serve's own line format) or `json`: one JSON object per line (asctime, "
+        "levelname, name, message, request_id in a request, deployment and replica) from `make serve`'s driver, "
+        "every replica, and Serve's proxy and controller where `make serve` starts them."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Lowest level logged by the service's loggers and Serve's, in the driver and every replica."
+    )
+
     # Shared state (docs/architecture.md says what lives where)
     state_dir: str = Field(
         ".sam3-state", description="Directory of the embedded SQLite state file (media, jobs, sessions) when "
@@ -212,6 +249,13 @@ class Config(BaseModel):
         scheme = value.partition("://")[0] if "://" in value else value
         if value and scheme not in ("redis", "rediss", "unix", "sqlite", "memory"):
             raise ValueError("use redis://host:port/db, sqlite:////path/state.db or memory://")
+        return value
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info) -> object:
+        if isinstance(value, str):
+            return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
         return value
 
     @field_validator("model_resources", "service_resources", mode="before")
@@ -247,22 +291,64 @@ class Config(BaseModel):
             raise ValueError(f"invalid configuration: {problems}") from None
 
 
-def _default_text(field) -> str:
+# The knobs by topic: docs/configuration.md's table and `sam3-serve --help` group them so (a test checks that every
+# field is in exactly one topic).
+TOPICS: dict[str, tuple[str, ...]] = {
+    "Model and device": ("model", "device", "dtype"),
+    "HTTP, auth and deadlines": ("host", "port", "api_keys", "request_timeout_s", "max_request_bytes",
+                                 "ingress_max_inflight_bytes"),
+    "Admission, overload and failures": ("admission_running_per_replica", "admission_max_wait_s",
+                                         "max_inflight_per_key", "decoder_threads", "video_session_max_calls",
+                                         "failover_retries", "shutdown_grace_s"),
+    "Images": ("max_image_bytes", "max_image_pixels", "min_image_side"),
+    "Fetching URLs": ("fetch_timeout_s", "fetch_max_redirects", "url_allowlist"),
+    "Prompts": ("max_prompts", "max_instances", "max_points", "max_boxes"),
+    "Caches and generated files": ("embedding_cache_entries", "embedding_cache_bytes", "logits_cache_entries",
+                                   "logits_cache_bytes", "media_max_bytes", "media_ttl_s"),
+    "Shared state store": ("state_dir", "state_url"),
+    "Video": ("video_max_bytes", "video_max_frames", "video_max_duration_s", "video_max_frame_pixels",
+              "video_max_side", "video_max_decoded_bytes", "video_frame_cache_bytes", "video_max_sessions",
+              "video_session_ttl_s", "video_num_gpus", "video_warm_sessions", "video_max_objects"),
+    "Live video streams": ("video_max_streams", "video_stream_max_in_flight", "video_stream_max_frame_bytes",
+                           "video_stream_idle_s"),
+    "Async queue (Oxen /api/ai/queue, /api/events)": (
+        "jobs_max", "jobs_max_queued_per_key", "jobs_ttl_s", "jobs_timeout_s", "jobs_heartbeat_timeout_s",
+        "jobs_concurrency", "jobs_runner_replicas", "jobs_events_replay_s", "jobs_sse_ping_s"),
+    "Logs": ("log_format", "log_level"),
+    "Graph: batching, replicas, GPUs": (
+        "encoder_max_batch_size", "encoder_batch_wait_timeout_s", "encoder_num_gpus", "decoder_num_gpus",
+        "decoder_prompt_batch", "num_cpus", "model_resources", "service_resources", "encoder_replicas",
+        "decoder_replicas", "ingress_replicas", "web_ui", "autoscale", "autoscale_max_replicas",
+        "autoscale_target_ongoing_requests", "autoscale_upscale_delay_s", "autoscale_downscale_delay_s",
+        "autoscale_look_back_period_s"),
+}
+
+
+def default_text(field) -> str:
     value = field.get_default(call_default_factory=True)
     if isinstance(value, list):
         return ",".join(value) or "(empty)"
     if isinstance(value, bool):
         return str(value).lower()
-    return str(value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value) if value != "" else "(empty)"
 
 
 def knob_table() -> str:
-    """The Markdown table of every knob (docs/configuration.md holds it verbatim; a test keeps the two equal)."""
-    rows = ["| variable | default | what |", "|---|---|---|"]
-    for name, field in Config.model_fields.items():
-        description = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `{_PREFIX}{name.upper()}` | `{_default_text(field)}` | {description} |")
-    return "\n".join(rows)
+    """The Markdown tables of every knob by topic (docs/configuration.md holds them verbatim; a test keeps the two
+    equal). Each knob is an environment variable, a `sam3-serve` flag and a `--config` file key."""
+    out: list[str] = []
+    for topic, fields in TOPICS.items():
+        out += [f"### {topic}", "", "| variable | flag | default | what |", "|---|---|---|---|"]
+        for name in fields:
+            field = Config.model_fields[name]
+            description = (field.description or "").replace("|", "\\|")
+            flag = "--" + name.replace("_", "-") + ("` / `--no-" + name.replace("_", "-") if field.annotation is bool
+                                                     else "")
+            out.append(f"| `{_PREFIX}{name.upper()}` | `{flag}` | `{default_text(field)}` | {description} |")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
 
 
 if __name__ == "__main__":  # `python -m serve_app.core.config` prints the table for the docs

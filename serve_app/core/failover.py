@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.core.logs import RequestIds, forward_to_serve_log, log_extra, scope_request_id
+
 logger = logging.getLogger(__name__)
 
 RETRY = "retry"  # idempotent: sent again when the replica serving it dies
@@ -242,13 +244,14 @@ class ProxyFailover:
                 if body is None or attempt >= self.retries or deadline - time.monotonic() <= pause:
                     self.counts["answered_503"] += 1
                     logger.warning("%s %s got no answer from its replica (%s); answered 503 after %d tries",
-                                   scope.get("method"), scope.get("path"), error or "it died", attempt + 1)
+                                   scope.get("method"), scope.get("path"), error or "it died", attempt + 1,
+                                   extra=log_extra(scope))
                     await _unavailable(route, scope, send, attempt + 1)
                     return
                 attempt += 1
                 self.counts["retried"] += 1
                 logger.info("%s %s: its replica died before answering; sending it again (try %d)",
-                            scope.get("method"), scope.get("path"), attempt + 1)
+                            scope.get("method"), scope.get("path"), attempt + 1, extra=log_extra(scope))
                 await asyncio.sleep(pause)
         finally:
             if watcher is not None:
@@ -329,22 +332,33 @@ async def _answer(route: str, scope: Scope, send: Send, exc) -> None:
     from serve_app.core.http import _closed, error_response
 
     try:
-        await error_response(route, exc)(scope, _closed, send)
+        await error_response(route, exc, scope_request_id(scope))(scope, _closed, send)
     except Exception as failure:  # noqa: BLE001 - the client is gone: nobody to answer
         logger.debug("could not answer %s: %s", scope.get("path"), failure)
 
 
 def proxy_middlewares() -> list:
-    """Serve's RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH hook: the middlewares Serve's HTTP proxy wraps itself in."""
+    """Serve's RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH hook: the middlewares Serve's HTTP proxy wraps itself in
+    (the last is the outermost: request ids first, serve_app/core/logs.py), and our lines into the proxy's log."""
     from starlette.middleware import Middleware
 
-    return [Middleware(ProxyFailover)]
+    level = os.environ.get("SAM3_LOG_LEVEL", "").strip().upper()
+    forward_to_serve_log(level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO")
+    return [Middleware(ProxyFailover), Middleware(RequestIds)]
 
 
 PROXY_CALLBACK = "serve_app.core.failover:proxy_middlewares"  # set before Ray starts (serve_app.main, the tests)
 
 
-def enable_proxy_failover() -> None:
+PROXY_KNOBS = ("failover_retries", "request_timeout_s", "max_request_bytes", "ingress_max_inflight_bytes",
+               "log_level")
+
+
+def enable_proxy_failover(config: object | None = None) -> None:
     """Before Ray starts (it passes the environment to every process it starts): Serve's proxy loads the middleware.
-    An operator's own RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH is left alone (and this failover is then off)."""
+    An operator's own RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH is left alone (and this failover is then off).
+    With a `Config` (`sam3-serve`, whose flags and file may set what the environment does not), the knobs the proxy
+    reads (PROXY_KNOBS) are exported as SAM3_* variables, so the proxy follows the same configuration."""
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
+    for field in PROXY_KNOBS if config is not None else ():
+        os.environ[f"SAM3_{field.upper()}"] = str(getattr(config, field))

@@ -35,6 +35,7 @@ from serve_app.core.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from serve_app.core.logs import scope_request_id
 from serve_app.core.shapes import SHAPES
 from serve_app.core.stats import release_memory
 
@@ -47,11 +48,14 @@ ErrorRenderer = Callable[[Sam3Error], dict]
 _RENDERERS: list[tuple[str, ErrorRenderer]] = sorted(SHAPES, key=lambda item: -len(item[0]))
 
 
-def native_error_body(exc: Sam3Error) -> dict:
-    """The native error shape, for every path no provider claims: {"error": {"code", "message", "details"?}}."""
+def native_error_body(exc: Sam3Error, request_id: str | None = None) -> dict:
+    """The native error shape, for every path no provider claims: {"error": {"code", "message", "details"?,
+    "request_id"?}}; `request_id` is the request's X-Request-ID (serve_app/core/logs.py)."""
     error: dict = {"code": exc.code, "message": exc.message}
     if exc.details is not None:
         error["details"] = exc.details
+    if request_id:
+        error["request_id"] = request_id
     return {"error": error}
 
 
@@ -79,10 +83,12 @@ class SafeJSONResponse(JSONResponse):
 RETRY_STATUSES = (429, 503)  # answers that always say when to come back
 
 
-def error_response(path: str, exc: Sam3Error) -> JSONResponse:
-    """The error in the shape of the front door that owns `path`; a 429 or 503 carries Retry-After."""
-    renderer = next((r for prefix, r in _RENDERERS if path.startswith(prefix)), native_error_body)
-    response = SafeJSONResponse(status_code=exc.status_code, content=renderer(exc))
+def error_response(path: str, exc: Sam3Error, request_id: str | None = None) -> JSONResponse:
+    """The error in the shape of the front door that owns `path`; a 429 or 503 carries Retry-After. The request's id
+    goes into the native body only: no provider's error shape has a field for it (the header carries it anyway)."""
+    renderer = next((r for prefix, r in _RENDERERS if path.startswith(prefix)), None)
+    body = native_error_body(exc, request_id) if renderer is None else renderer(exc)
+    response = SafeJSONResponse(status_code=exc.status_code, content=body)
     if exc.status_code in RETRY_STATUSES:
         response.headers["Retry-After"] = str(max(1, int(getattr(exc, "retry_after_s", None) or RETRY_AFTER_S)))
     return response
@@ -114,11 +120,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _sam3(request: Request, exc: Sam3Error) -> JSONResponse:
         if exc.status_code >= 500:
             logger.error("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
-        return error_response(route_path(request), exc)
+        return error_response(route_path(request), exc, scope_request_id(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(route_path(request), validation_error(exc))
+        return error_response(route_path(request), validation_error(exc), scope_request_id(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -148,7 +154,7 @@ def install_error_handlers(app: FastAPI) -> None:
             err = Sam3Error(str(exc.detail))
             err.status_code = exc.status_code
             err.code = "http_error"
-        response = error_response(route_path(request), err)
+        response = error_response(route_path(request), err, scope_request_id(request.scope))
         response.headers.update(headers)
         return response
 
@@ -428,8 +434,7 @@ class Gate:
             if admission is not None:
                 try:
                     ticket = await admission.enter(tenant, deadline)
-                except Sam3Error as exc:  # counted in the admission's stats and metrics; a flood would flood the log
-                    logger.debug("%s %s: %s", exc.status_code, path, exc.message)
+                except Sam3Error as exc:  # counted in the admission's stats and metrics; logged by _answer
                     await self._answer(path, exc, scope, receive, send)
                     return
             try:
@@ -456,7 +461,7 @@ class Gate:
 
         async def answer_error() -> None:
             state["started"] = True
-            await error_response(path, state["error"])(scope, _closed, send)
+            await error_response(path, state["error"], scope_request_id(scope))(scope, _closed, send)
 
         async def guarded_send(message: Message) -> None:
             if state["error"] is not None:
@@ -474,11 +479,14 @@ class Gate:
             await answer_error()
 
     async def _answer(self, path: str, exc: Sam3Error, scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(path, exc)(scope, receive, send)
+        """A refusal of the gate (401, 413, 429, 503, a bad X-Request-Timeout): counted elsewhere; a flood of them
+        would flood the log above DEBUG."""
+        logger.debug("%s %s %s: %s", exc.status_code, scope.get("method"), path, exc.message)
+        await error_response(path, exc, scope_request_id(scope))(scope, receive, send)
 
     async def _busy(self, path, budget, size, limit, scope, receive, send) -> None:
         logger.warning("429 %s: %s bytes of request bodies in flight, limit %s", path, budget.held, limit)
-        await error_response(path, busy(budget, size, limit))(scope, receive, send)
+        await error_response(path, busy(budget, size, limit), scope_request_id(scope))(scope, receive, send)
 
 
 

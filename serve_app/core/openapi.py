@@ -70,10 +70,14 @@ class NativeErrorDetail(BaseModel):
     code: str = Field(description="A stable machine-readable code: bad_request, unauthorized, not_found, ...")
     message: str = Field(description="What went wrong, in words a person can act on.")
     details: Any = Field(None, description="Validation errors: [{field, message}, ...]; absent otherwise.")
+    request_id: str | None = Field(
+        None, description="The request's id, as in the `X-Request-ID` header of the answer and the server's log lines."
+    )
 
 
 class NativeError(BaseModel):
-    """The native error body, for every path no provider claims: {"error": {"code", "message", "details"?}}."""
+    """The native error body, for every path no provider claims: {"error": {"code", "message", "details"?,
+    "request_id"?}}."""
 
     model_config = ConfigDict(title="NativeError")
 

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from serve_app.core.errors import NotFound, PayloadTooLarge, Sam3Error, ServiceUnavailable
 from serve_app.core.http import native_error_body
+from serve_app.core.logs import scope_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class UIProxy:
             body = await read_body(receive, self._max_bytes)
             responses = self._stream(portable_scope(scope), body)
         except Sam3Error as exc:
-            await JSONResponse(status_code=exc.status_code, content=native_error_body(exc))(scope, receive, send)
+            await JSONResponse(status_code=exc.status_code, content=native_error_body(exc, scope_request_id(scope)))(
+                scope, receive, send)
             return
         started = False
         try:
@@ -112,7 +114,8 @@ class UIProxy:
             logger.warning("web UI request failed: %s", exc)
             if not started:
                 unavailable = ServiceUnavailable("the web UI is restarting; retry in a moment")
-                await JSONResponse(status_code=503, content=native_error_body(unavailable))(scope, receive, send)
+                await JSONResponse(status_code=503, content=native_error_body(unavailable, scope_request_id(scope)))(
+                    scope, receive, send)
 
     def __getstate__(self) -> dict:  # pickled with the ingress app before any replica runs: nothing to carry
         return {}

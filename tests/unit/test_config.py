@@ -47,6 +47,24 @@ def test_the_configuration_page_lists_every_knob_as_config_py_defines_it():
     )
 
 
+def test_every_knob_is_in_exactly_one_topic():
+    from serve_app.core.config import TOPICS
+
+    listed = [field for fields in TOPICS.values() for field in fields]
+    assert sorted(listed) == sorted(Config.model_fields), (
+        f"TOPICS in serve_app/core/config.py: missing {sorted(set(Config.model_fields) - set(listed))}, "
+        f"unknown {sorted(set(listed) - set(Config.model_fields))}, twice {sorted({f for f in listed if listed.count(f) > 1})}"
+    )
+
+
+def test_the_page_holds_one_knob_table_the_generated_one():
+    """Hand-written knob tables drift from the code: every `| `SAM3_...` |` row of the page is inside the markers."""
+    text = CONFIG_PAGE.read_text()
+    outside = text.replace(_documented_table(), "")
+    rows = [line for line in outside.splitlines() if line.startswith("| `SAM3_")]
+    assert rows == [], f"knob rows outside the generated table: {rows[:3]}"
+
+
 @pytest.mark.parametrize("field", list(Config.model_fields))
 def test_every_knob_is_described(field):
     assert Config.model_fields[field].description, f"give SAM3_{field.upper()} a Field(description=...)"
