@@ -38,8 +38,9 @@ lock:
 	test -x $(VENV)/bin/uv || $(MAKE) install
 	$(PY) requirements/lock.py --torch $(TORCH_VERSION) $(if $(UPGRADE),--upgrade) -- $(LOCK_ARGS)
 
+# the `sam3-serve` console script (serve_app/cli.py): `make serve ARGS="--port 8011"` passes flags to it
 serve: $(STAMP)
-	$(PY) -m serve_app.main
+	$(VENV)/bin/sam3-serve $(ARGS)
 
 # Debian packages the tests use for real (never mocks): redis-server for the Redis state backend, jq for the docs'
 # curl examples, chromium for the web UI's browser test (Playwright cannot download browsers here). Installed with apt when missing and we are root; otherwise those tests skip and say why.

@@ -30,14 +30,18 @@ def _free_port() -> int:
 
 
 def _start_service(port: int, state_dir: Path, log: Path, under_a_parent: bool = False) -> subprocess.Popen:
-    """`make serve`'s command in a session of its own. `under_a_parent`: as `make serve` runs it, a child of another
-    process (here `sh`) in that process' group, not the group's leader: Ctrl-C goes to the group."""
-    env = {**os.environ, "SAM3_PORT": str(port), "SAM3_STATE_DIR": str(state_dir), "SAM3_API_KEYS": API_KEY,
-           "SAM3_URL_ALLOWLIST": "127.0.0.1", "SAM3_NUM_CPUS": "0", "RAY_ADDRESS": ""}
+    """`make serve`'s command, the `sam3-serve` console script, in a session of its own: the port, model and state
+    directory as flags, the rest from the environment (a flag and the environment together, as users mix them).
+    `under_a_parent`: as `make serve` runs it, a child of another process (here `sh`) in that process' group, not the
+    group's leader: Ctrl-C goes to the group."""
+    env = {**os.environ, "SAM3_PORT": "1", "SAM3_API_KEYS": API_KEY, "SAM3_URL_ALLOWLIST": "127.0.0.1",
+           "SAM3_NUM_CPUS": "0", "RAY_ADDRESS": ""}  # SAM3_PORT=1: the --port flag must win over it
     env.pop("RAY_ADDRESS")
-    command = [sys.executable, "-m", "serve_app.main"]
+    script = Path(sys.executable).with_name("sam3-serve")
+    assert script.exists(), f"{script} is missing: `pip install -e .` (make install) installs the console script"
+    command = [str(script), "--port", str(port), "--model", "tiny-random", "--state-dir", str(state_dir)]
     if under_a_parent:  # "; true": the shell waits for the service rather than exec-ing it, as make does
-        command = ["sh", "-c", f"'{sys.executable}' -m serve_app.main; true"]
+        command = ["sh", "-c", " ".join(f"'{part}'" for part in command) + "; true"]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 

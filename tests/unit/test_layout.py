@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # a package may import a package of a strictly lower rank, or itself; equal ranks are siblings that must not meet
 RANKS = {"core": 0, "image": 1, "jobs": 1, "video": 2, "protocols": 3, "batch": 4, "ui": 4}
-ENTRY_POINTS = {"serve_app.main"}  # starts Ray and binds the graph: may import anything
+ENTRY_POINTS = {"serve_app.main", "serve_app.cli"}  # start Ray and bind the graph: may import anything
 SHARED_DEPLOYMENT_MODULES = {"deployments.handles"}
 BINDER = "deployments.app"
 
