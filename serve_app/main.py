@@ -66,9 +66,9 @@ def serve(config: Config) -> int:
 
     apply_allocator_env()  # before Ray starts: every Ray process inherits it
     enable_proxy_failover(config)  # Serve's proxy resends a request whose ingress replica died (core/failover.py)
-    stop = threading.Event()
+    stop = StopSignal()
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and an orchestrator's stop: the same clean stop
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, stop)
     group = os.getpgrp()
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     rejoin_process_group(group)
@@ -81,6 +81,26 @@ def serve(config: Config) -> int:
     shut_down(config.shutdown_grace_s + SHUTDOWN_MARGIN_S)
     logging.shutdown()
     os._exit(0)  # Ray has stopped: the interpreter's own exit could still wait on a thread of Ray's client
+
+
+class StopSignal:
+    """The SIGINT / SIGTERM handler: the first signal starts the clean stop; later ones (Ctrl-C pressed again, an
+    orchestrator's SIGTERM after a Ctrl-C) change nothing. Python runs a handler in the main thread between two
+    bytecodes, also inside the previous handler's `Event.set`, which holds the event's (non-reentrant) lock: a
+    second `set` there would wait for that lock forever and the service would never stop. So only the first signal
+    touches the event."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.received = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received += 1
+        if self.received == 1:
+            self.event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.event.wait(timeout)
 
 
 SHUTDOWN_MARGIN_S = 2.0  # past the replicas' grace: Serve deleting the application, then Ray stopping its processes

@@ -69,3 +69,25 @@ def test_logits_history_prefers_longest_click_prefix():
 )
 def test_binds_loopback_without_keys(host, keys, expected):
     assert bind_host(Config(host=host, api_keys=keys)) == expected
+
+
+def test_a_second_stop_signal_inside_the_first_handler_does_not_hang_the_service():
+    """A signal handler runs in the main thread, also inside the previous handler's Event.set (which holds the
+    event's lock): a second Ctrl-C there must not take that lock again (seen: the service hung on two quick SIGINTs)."""
+    import threading
+
+    from serve_app.main import StopSignal
+
+    stop = StopSignal()
+    stop(2, None)
+    done = threading.Event()
+
+    def second_signal_while_the_first_holds_the_lock() -> None:
+        with stop.event._cond:  # as the interrupted Event.set holds it
+            stop(2, None)
+        done.set()
+
+    worker = threading.Thread(target=second_signal_while_the_first_holds_the_lock, daemon=True)
+    worker.start()
+    assert done.wait(5), "the second signal waited on the lock the first handler holds"
+    assert stop.wait(0) and stop.received == 2
