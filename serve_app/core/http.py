@@ -335,9 +335,7 @@ class Gate:
 
         length = headers.get("content-length")
         declared = int(length) if length is not None and length.strip().isdigit() else None
-        if declared is not None and declared > max_bytes:
-            await self._answer(path, too_large(str(declared)), scope, receive, send)
-            return
+        oversized = declared is not None and declared > max_bytes  # answered 413 once the key has been checked
         budget, limit = self.inflight, config.ingress_max_inflight_bytes
         received = reserved = 0
 
@@ -370,6 +368,9 @@ class Gate:
                 inner_receive = limited
                 if key is None and any(t.startswith("body:") for t in rule.transports):
                     # the key is in the body: it must be read (within both limits) before the key is known
+                    if oversized:  # a body too large to read holds a key nobody can check: the limit answers
+                        await self._answer(path, too_large(str(declared)), scope, receive, send)
+                        return
                     if not admit():
                         await self._busy(path, budget, str(declared), limit, scope, receive, send)
                         return
@@ -389,6 +390,9 @@ class Gate:
                     return
             else:
                 inner_receive = limited
+            if oversized:  # keys first: a caller without a valid key learns nothing of the limits
+                await self._answer(path, too_large(str(declared)), scope, receive, send)
+                return
             if not reserved and not admit():  # keys first: only a request with a valid key gets this far
                 await self._busy(path, budget, str(declared), limit, scope, receive, send)
                 return

@@ -139,6 +139,21 @@ def test_declared_lengths_over_the_limit_are_refused_before_reading(keyed):
     assert r.status_code == 413 and seen["calls"] == 0
 
 
+def test_an_oversized_body_without_a_valid_key_is_401_not_413(keyed):
+    """Keys first: an anonymous caller learns nothing of the limits; a key that travels in the body cannot be read
+    from a body too large to read, so there the limit answers."""
+    app, seen = keyed
+    big = b"x" * (LIMIT + 10)
+    for headers in ({}, {"x-api-key": "nope"}):
+        r = _call(app, "POST", "/gt-header/raw", content=big, headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+    r = _call(app, "POST", "/gt-flat/model?api_key=nope", content=big)
+    assert r.status_code == 401 and r.json() == {"message": "invalid API key"}
+    r = _call(app, "POST", "/gt-flat/model", content=big)
+    assert r.status_code == 413 and r.json()["message"].startswith("request body is")
+    assert seen["calls"] == 0
+
+
 def test_reading_stops_at_the_first_chunk_over_the_limit():
     """The gate never pulls more than one chunk past the limit from the client."""
     config = Config(api_keys=[], max_request_bytes=LIMIT)
