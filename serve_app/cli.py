@@ -249,9 +249,13 @@ def serve_config(config: Config, include_secrets: bool = False) -> dict[str, Any
         args.pop("api_keys", None)
         if config.state_url and redact_url(config.state_url) != config.state_url:
             args.pop("state_url", None)
+    from serve_app.core.logs import serve_logging_config
+
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s},
+        # the proxy's and the controller's lines (the replicas' follow log_format and log_level in args)
+        "logging_config": serve_logging_config(config.log_format, config.log_level),
         "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}],
     }
 

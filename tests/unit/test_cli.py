@@ -128,12 +128,17 @@ def test_build_writes_a_serve_config_serve_accepts_and_it_builds_the_same_config
     assert app.args == {"model": "tiny-random", "max_prompts": 4, "url_allowlist": ["10.0.0.0/8", "example.org"],
                         "model_resources": {"model_node": 0.01}, "encoder_replicas": 2, "web_ui": False}
     assert app_builder(app.args) is not None  # binds the graph from the file's args, as `serve run` would
+    assert schema.logging_config.encoding == "TEXT"
+    as_json = ServeDeploySchema.parse_obj(yaml.safe_load(cli.render_build(config.model_copy(
+        update={"log_format": "json", "log_level": "DEBUG"}))))
+    assert (as_json.logging_config.encoding, as_json.logging_config.log_level) == ("JSON", "DEBUG")
+    assert as_json.applications[0].args["log_format"] == "json"  # the replicas' own, through app_builder
     with_secrets = yaml.safe_load(cli.render_build(config, include_secrets=True))
     assert with_secrets["applications"][0]["args"]["api_keys"] == ["sekrit"]
 
 
-def test_help_and_config_import_neither_torch_nor_ray():
-    code = ("import sys; from serve_app import cli; rc = cli.main(['config']); "
+def test_config_and_build_import_neither_torch_nor_ray():
+    code = ("import sys; from serve_app import cli; rc = cli.main(['config']) + cli.main(['build']); "
             "assert rc == 0; print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
