@@ -4,7 +4,7 @@
 small app of this module's own runs with SAM3_LOG_FORMAT=json (SAM3_LOG_LEVEL=DEBUG, so the gate's refusals log a
 line of ours) and shows that every line of its replicas' files is JSON with a request_id. The proxy's and
 controller's encoding is global to the Serve instance (serve.start), so the session's proxy stays text here; that
-serve_app.main passes it is covered in tests/unit/test_request_ids.py.
+serve_app.main passes it is covered in tests/unit/test_request_id_rules.py.
 """
 
 from __future__ import annotations

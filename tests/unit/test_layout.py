@@ -138,3 +138,10 @@ def test_an_upward_import_is_caught(tmp_path, files, expected):
 )
 def test_a_downward_import_is_allowed(tmp_path, files):
     assert violations(_tree(tmp_path, files)) == []
+
+
+def test_test_modules_have_unique_basenames():
+    """tests/unit and tests/integration are not packages: pytest imports each test module by its basename, and a
+    second module of the same name stops the whole run at collection ("import file mismatch")."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
