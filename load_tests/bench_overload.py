@@ -339,6 +339,10 @@ async def run(args: argparse.Namespace, url: str) -> tuple[dict, list[dict]]:
           f"p50 {ms(cap_fig['p50'])} ms, p99 {ms(cap_fig['p99'])} ms, {cap.counts()}", flush=True)
     if not ok:
         raise SystemExit("no request succeeded at capacity")
+    # the second key's demand: a fixed rate, or (--other-share) a share of the measured capacity, so that it asks
+    # for the same fraction of the service on a slow machine as on a fast one
+    other_rate = args.other_share * capacity if args.other_share else args.other_rate
+    print(f"the other key sends {other_rate:.2f} requests/s during each flood", flush=True)
     levels = []
     for n, factor in enumerate(args.levels):
         await asyncio.sleep(args.settle_s)
@@ -346,7 +350,7 @@ async def run(args: argparse.Namespace, url: str) -> tuple[dict, list[dict]]:
         rss_before = rss_all(pids)
         flood, side = await asyncio.gather(
             open_loop(client, raw, factor * capacity, args.duration, args.client_timeout, seed=n),
-            open_loop(other, raw_other, args.other_rate, args.duration, args.client_timeout, seed=100 + n),
+            open_loop(other, raw_other, other_rate, args.duration, args.client_timeout, seed=100 + n),
         )
         ended = time.monotonic()
         rec = await closed_loop(client, raw, args.clients, args.recovery_s, args.client_timeout)
@@ -389,6 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recovery-s", type=float, default=10.0, help="closed-loop seconds after each flood")
     p.add_argument("--settle-s", type=float, default=3.0, help="pause before each flood")
     p.add_argument("--other-rate", type=float, default=2.0, help="requests/s of the second key during a flood")
+    p.add_argument("--other-share", type=float, default=0.0,
+                   help="instead of --other-rate: the second key's rate as a fraction of the measured capacity")
     p.add_argument("--client-timeout", type=float, default=60.0)
     p.add_argument("--min-goodput", type=float, default=0.9)
     p.add_argument("--max-refusal-p99-ms", type=float, default=100.0)

@@ -331,7 +331,7 @@ def start(args: argparse.Namespace) -> str:
 
     config = Config(api_keys=[KEY], ingress_replicas=args.replicas, encoder_replicas=args.replicas,
                     decoder_replicas=args.replicas, state_dir=args.state_dir, web_ui=False, url_allowlist=[],
-                    failover_retries=args.retries)
+                    failover_retries=args.retries, admission_max_wait_s=args.admission_max_wait_s)
     return start_graph(config, request_timeout_s=120)
 
 
@@ -371,6 +371,16 @@ def windows_table(samples: list[Sample], t0: float, window_s: float) -> list[dic
         row["image_p99"] = pct(images, 99)
         rows.append(row)
     return rows
+
+
+def error_summary(samples: list[Sample], t0: float, limit: int = 12) -> list[str]:
+    """One line per failed answer (the first `limit`), with when it finished and why."""
+    failed = [s for s in samples if not s.ok]
+    lines = [f"  error at {(s.at - t0) / 60:5.2f} min, {s.route} after {s.seconds * 1000:.0f} ms: {s.detail[:200]}"
+             for s in failed[:limit]]
+    if len(failed) > limit:
+        lines.append(f"  ... and {len(failed) - limit} more")
+    return lines
 
 
 def print_window(row: dict, window_s: float) -> None:
@@ -490,6 +500,8 @@ def run(args: argparse.Namespace, url: str) -> int:
         printed_windows += 1
     errors = sum(not s.ok for s in samples) + lost
     print(f"total: {len(samples)} answers, {errors} errors ({lost} queue jobs never completed)", flush=True)
+    for line in error_summary(samples, t0):  # again at the end, where a truncated log still shows them
+        print(line, flush=True)
     first, last = rows[0]["image_p99"], rows[-1]["image_p99"] if len(rows) > 1 else None
     ratio = None if not first or last is None else last / first
     print(f"image p99: first window {first * 1000 if first else 0:.0f} ms, last "
@@ -530,6 +542,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-in-flight", type=int, default=32)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--retries", type=int, default=3, help="SAM3_FAILOVER_RETRIES (0: a replica death fails its requests)")
+    p.add_argument("--admission-max-wait-s", type=float, default=0.5,
+                   help="SAM3_ADMISSION_MAX_WAIT_S: past it admission sheds (a 503 counts as an error here)")
     p.add_argument("--state-dir", default=os.path.join(ROOT, "tmp", "soak-state"))
     p.add_argument("--check", action="store_true", help="exit 1 on any error")
     p.add_argument("--check-trends", action="store_true", help="--check also fails on the p99 ratio and RSS slopes")

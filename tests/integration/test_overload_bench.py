@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def test_three_times_capacity_for_ten_seconds_is_shed_cleanly(tmp_path):
     args = bench_overload.parse_args([
         "--levels", "3", "--duration", "10", "--capacity-s", "10", "--warmup-s", "5", "--recovery-s", "6",
-        "--client-timeout", "10", "--state-dir", str(tmp_path / "state"),
+        "--client-timeout", "10", "--other-share", "0.15", "--state-dir", str(tmp_path / "state"),
     ])
     url, proc = bench_overload.start_service(args)
     try:
@@ -37,8 +37,10 @@ def test_three_times_capacity_for_ten_seconds_is_shed_cleanly(tmp_path):
     assert fig["clean_refusals"], fig["counts"]  # 503/429 with Retry-After, native error shape
     assert set(fig["counts"]) <= {"200", "429", "503"}, fig["counts"]
     assert fig["counts"].get("503", 0) + fig["counts"].get("429", 0) > 0  # it did shed
-    # the other key is not starved: at most one refusal, when a Poisson burst has it running its fair share with
-    # another request already waiting (serve_app/core/admission.py); the full benchmark at 3x: 56 of 56
+    # the other key is not starved. It asks for 15 % of the measured capacity, well under its half, on any machine:
+    # a fixed 2 requests/s is 30 % of a slow CI runner's 6.7 requests/s, and Poisson bursts then take it past its
+    # fair share of the slots with a request already waiting, which the admission rule refuses by design
+    # (serve_app/core/admission.py). At most one refusal for such a burst; the full benchmark at 3x: 56 of 56
     assert fig["other_sent"] > 0 and fig["other_ok"] >= fig["other_sent"] - 1, fig["other_counts"]
     assert fig["goodput_ratio"] >= 0.5, fig  # the bar is 0.9: load_tests/README.md has what 2 cores reach
     assert fig["admitted_p99"] <= 3 * capacity["p99"], (fig["admitted_p99"], capacity["p99"])
