@@ -308,6 +308,28 @@ def process_table() -> dict[int, str]:
     return out
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of `pid` in clock ticks (/proc/<pid>/stat), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def wait_busy(pid: int, timeout_s: float, poll_s: float = 0.02) -> bool:
+    """Until `pid` burns CPU within one `poll_s` (it is serving), at most `timeout_s`: True if it was seen busy."""
+    last, until = cpu_ticks(pid), time.monotonic() + timeout_s
+    while last is not None and time.monotonic() < until:
+        time.sleep(poll_s)
+        now = cpu_ticks(pid)
+        if now is not None and now > last:
+            return True
+        last = now
+    return False
+
+
 def rss_mib(pid: int) -> float | None:
     from serve_app.core.stats import status_bytes
 
@@ -331,7 +353,8 @@ def start(args: argparse.Namespace) -> str:
 
     config = Config(api_keys=[KEY], ingress_replicas=args.replicas, encoder_replicas=args.replicas,
                     decoder_replicas=args.replicas, state_dir=args.state_dir, web_ui=False, url_allowlist=[],
-                    failover_retries=args.retries, admission_max_wait_s=args.admission_max_wait_s)
+                    failover_retries=args.retries, admission_max_wait_s=args.admission_max_wait_s,
+                    **({} if args.cache_entries is None else {"embedding_cache_entries": args.cache_entries}))
     return start_graph(config, request_timeout_s=120)
 
 
@@ -398,7 +421,7 @@ def run(args: argparse.Namespace, url: str) -> int:
     from tests.videos import moving_frames, write_video
 
     record = Record()
-    images = [jpeg(seed) for seed in range(8)]
+    images = [jpeg(seed) for seed in range(args.images)]
     traffic = Traffic(url, record, images)
     stop = threading.Event()
     clip = write_video(args.video_frames, *SIZE, fps=10)
@@ -469,8 +492,14 @@ def run(args: argparse.Namespace, url: str) -> int:
             kill_index += 1
             victims = sorted(pid for pid, role in process_table().items() if role == target)
             if victims:
+                # a burst first, and the kill once the victim is seen working: it dies with requests in flight
+                for _ in range(args.kill_burst):
+                    if in_flight.acquire(blocking=False):  # fire() releases it
+                        pool.submit(fire, rng.choice(IMAGE_ROUTES), rng.randrange(len(images)))
+                busy = wait_busy(victims[0], 2.0) if args.kill_burst else False
                 os.kill(victims[0], signal.SIGKILL)
-                print(f"[{(now - t0) / 60:5.1f} min] SIGKILL {target} pid {victims[0]}", flush=True)
+                print(f"[{(now - t0) / 60:5.1f} min] SIGKILL {target} pid {victims[0]}"
+                      + (" (busy)" if busy else " (not seen busy)" if args.kill_burst else ""), flush=True)
             next_kill += args.kill_every
         done_windows = int((now - t0) // args.window)
         if printed_windows < done_windows:
@@ -542,6 +571,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-in-flight", type=int, default=32)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--retries", type=int, default=3, help="SAM3_FAILOVER_RETRIES (0: a replica death fails its requests)")
+    p.add_argument("--images", type=int, default=8, help="distinct JPEGs the image routes send")
+    p.add_argument("--cache-entries", type=int, default=None,
+                   help="SAM3_EMBEDDING_CACHE_ENTRIES (default: the service's); fewer than --images keeps the "
+                   "encoder working after warm-up")
+    p.add_argument("--kill-burst", type=int, default=4,
+                   help="requests sent right before each kill, which waits (up to 2 s) to see the victim working")
     p.add_argument("--admission-max-wait-s", type=float, default=0.5,
                    help="SAM3_ADMISSION_MAX_WAIT_S: past it admission sheds (a 503 counts as an error here)")
     p.add_argument("--state-dir", default=os.path.join(ROOT, "tmp", "soak-state"))

@@ -11,6 +11,10 @@ load is 0.6x of a capacity measured on a shared 2-core machine, and a neighbour'
 under the load for seconds at a time: admission then sheds by design (a clean 503 with Retry-After, which
 test_overload_bench.py checks), and the soak would count those as errors. Reproduced here with a process that
 spins one core for 10 s out of every 20: 93 such 503s at the 0.5 s bound.
+
+So that each kill meets requests in flight, the embedding cache holds 2 of the 8 images (the encoder works all
+along, not only until every image is cached), and each kill follows a burst of 6 requests and waits until the
+victim is seen burning CPU. Without that, kills of idle replicas made the run pass with SAM3_FAILOVER_RETRIES=0.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def test_three_minutes_of_mixed_traffic_with_a_model_replica_killed_every_40_s_f
     proc = subprocess.run(
         [sys.executable, "load_tests/soak.py", "--minutes", "3", "--kill-every", "40", "--window", "60",
          "--rss-every", "30", "--warmup-min", "1", "--capacity-s", "10", "--load", "0.5", "--retries", retries,
-         "--admission-max-wait-s", "5",
+         "--admission-max-wait-s", "5", "--cache-entries", "2", "--kill-burst", "6",
          "--state-dir", str(tmp_path / "state"), "--check"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=480,
     )
