@@ -25,13 +25,15 @@ class ImageCache:
     async def get_embedding(self, key: tuple) -> CachedEmbedding | None:
         return await self.caches.get_embedding(key)
 
-    async def encode(self, key: tuple, pixels: list, height: int, width: int) -> list:
-        """`pixels` is [ObjectRef] (a list, so this replica passes it on unresolved); returns [embedding ref]."""
-        return [await self.caches.encode(key, pixels[0], height, width)]
+    async def encode(self, key: tuple, pixels: list, height: int, width: int, model: str | None = None) -> list:
+        """`pixels` is [ObjectRef] (a list, so this replica passes it on unresolved); returns [embedding ref].
+        `model` picks the encoder replicas (Serve's multiplexed routing); the key carries it too."""
+        return [await self.caches.encode(key, pixels[0], height, width, model)]
 
-    async def lookup_or_encode(self, key: tuple, pixels: list, height: int, width: int) -> list:
+    async def lookup_or_encode(self, key: tuple, pixels: list, height: int, width: int,
+                               model: str | None = None) -> list:
         """One hop for a lookup and, on a miss, the encode: returns [embedding ref, was it cached]."""
-        return list(await self.caches.lookup_or_encode(key, pixels[0], height, width))
+        return list(await self.caches.lookup_or_encode(key, pixels[0], height, width, model))
 
     async def pop_embedding(self, key: tuple) -> None:
         await self.caches.pop_embedding(key)

@@ -46,6 +46,27 @@ def shared_media(config: Config) -> MediaStore:
     return MediaStore(config.media_max_bytes, config.media_ttl_s, kv=shared_kv(config))
 
 
+def multiplexed(load, max_models: int):
+    """Serve's `@serve.multiplexed` over `load(model_id)` with a bound known only at run time (SAM3_MODELS_PER_REPLICA):
+    returns (get(model_id), held()) where `get` loads on first use (the least recently used model out past the
+    bound) and `held()` is {model id: loaded object} of what the replica holds now.
+
+    The decorator goes on a plain function: Serve keeps its multiplexer on the decorated object (a bound method
+    cannot carry one) and pushes the held ids to the controller, which routes requests by `multiplexed_model_id`."""
+    from ray import serve
+
+    async def _load_sam3_model(model_id: str):
+        return await load(model_id)
+
+    get = serve.multiplexed(max_num_models_per_replica=max_models)(_load_sam3_model)
+
+    def held() -> dict:
+        wrapper = getattr(_load_sam3_model, "__serve_multiplex_wrapper", None)
+        return dict(wrapper.models) if wrapper is not None else {}
+
+    return get, held
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The Sam3Error a remote call raised, if that is what it was (through any number of hops)."""
     while isinstance(exc, RayTaskError) and isinstance(exc.cause, Sam3Error):
@@ -185,13 +206,20 @@ class RayGraph:
                  failover: Failover | None = None) -> None:
         self.encoder, self.decoder, self.timeout_s = encoder, decoder, timeout_s
         self.failover = failover or Failover(0)
-        self._embedding_bytes: int | None = None
+        self._embedding_bytes: dict[str | None, int] = {}
 
-    async def encode(self, image) -> object:
-        """`image`'s embedding ref, within the request's deadline (the one `image` carries, in the ImageCache)."""
+    @staticmethod
+    def _routed(handle: DeploymentHandle, model: str | None) -> DeploymentHandle:
+        """The handle that routes to replicas holding `model` (Serve's multiplexed routing); None: the default."""
+        return handle.options(multiplexed_model_id=model) if model else handle
+
+    async def encode(self, image, model: str | None = None) -> object:
+        """`image`'s embedding ref by `model` (a registry name; None: the default), within the request's deadline
+        (the one `image` carries, in the ImageCache)."""
+        encoder = self._routed(self.encoder, model)
 
         async def once():
-            response = self.encoder.encode.remote(image)
+            response = encoder.encode.remote(image, model)
             ref = await await_call(response._to_object_ref(), self.timeout_s, (response,))
             await await_call(asyncio.wrap_future(ref.future()), self.timeout_s, (response,))  # surface its errors here
             return ref
@@ -199,20 +227,22 @@ class RayGraph:
         return await self.failover.call(once, self.timeout_s, getattr(image, "deadline", None))
 
     async def decode(
-        self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int]
+        self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
+        model: str | None = None,
     ) -> SegmentResult:
         deadline = current_deadline()
+        decoder = self._routed(self.decoder, model)
 
         def once():
-            return self.decoder.decode.remote(embedding, prompts, params, size, deadline)
+            return decoder.decode.remote(embedding, prompts, params, size, deadline, model)
 
         return await self.failover.call(once, self.timeout_s)
 
-    async def embedding_bytes(self) -> int:
-        if self._embedding_bytes is None:
-            info = await await_call(self.encoder.info.remote(), self.timeout_s)
-            self._embedding_bytes = int(info["embedding_bytes"])
-        return self._embedding_bytes
+    async def embedding_bytes(self, model: str | None = None) -> int:
+        if model not in self._embedding_bytes:
+            info = await await_call(self._routed(self.encoder, model).info.remote(model), self.timeout_s)
+            self._embedding_bytes[model] = int(info["embedding_bytes"])
+        return self._embedding_bytes[model]
 
 
 class RayVideoBackend:
@@ -222,8 +252,8 @@ class RayVideoBackend:
         self.sessions = sessions
         self.failover = failover or Failover(0)
 
-    async def create(self, owner, data, frames, fps) -> dict:
-        return await self.sessions.create.remote(owner, data, frames, fps)
+    async def create(self, owner, data, frames, fps, model: str | None = None) -> dict:
+        return await self.sessions.create.remote(owner, data, frames, fps, model)
 
     async def call(self, session_id: str, owner: str, method: str, *args):
         return await call_session(self.sessions, session_id, owner, method, *args, failover=self.failover)
@@ -299,12 +329,13 @@ class RayCaches:
     async def get_embedding(self, key: tuple):
         return await self._call("get_embedding", key)
 
-    async def encode(self, key: tuple, image, height: int, width: int) -> object:
+    async def encode(self, key: tuple, image, height: int, width: int, model: str | None = None) -> object:
         """`image`: an EncoderInput (or pixels); only the encoder replica reads a large one (see `_boxed`)."""
-        return (await self._call("encode", key, _boxed(image), height, width))[0]
+        return (await self._call("encode", key, _boxed(image), height, width, model))[0]
 
-    async def lookup_or_encode(self, key: tuple, image, height: int, width: int) -> tuple[object, bool]:
-        embedding, hit = await self._call("lookup_or_encode", key, _boxed(image), height, width)
+    async def lookup_or_encode(self, key: tuple, image, height: int, width: int,
+                               model: str | None = None) -> tuple[object, bool]:
+        embedding, hit = await self._call("lookup_or_encode", key, _boxed(image), height, width, model)
         return embedding, hit
 
     async def pop_embedding(self, key: tuple) -> None:

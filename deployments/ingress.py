@@ -25,12 +25,14 @@ from deployments.handles import (
 )
 from serve_app.core.admission import Admission
 from serve_app.core.config import Config
+from serve_app.core.registry import LITE_ARCH
 from serve_app.core.errors import Sam3Error
 from serve_app.core.http import SafeJSONResponse, install_error_handlers, install_gate, set_admission
 from serve_app.core.media import set_media_store
 from serve_app.core.openapi import NativeError, NotReady, error_responses
 from serve_app.core.stats import rss_bytes
 from serve_app.image.service import SegmentService, set_service
+from serve_app.protocols.native import ModelList, ModelOut
 from serve_app.jobs.backend import set_job_backend
 from serve_app.protocols import (
     hf_space,
@@ -163,7 +165,26 @@ class Ingress:
             await await_call(self.decoder.ready.remote(), 10.0)
         except Sam3Error as exc:
             return JSONResponse(status_code=503, content={"status": "not ready", "reason": exc.message})
-        return JSONResponse({"status": "ready", "model": self.config.model})
+        return JSONResponse({"status": "ready", "model": self.config.model,
+                             "models": self.service.registry.names, "default_model": self.service.registry.default})
+
+    @app.get("/v1/models", tags=["native"], response_model=ModelList,
+             responses=error_responses(NativeError, 401, 429, 503, 504))
+    async def models(self) -> ModelList:
+        """The models this service serves (SAM3_MODELS), the default, and whether an encoder and a decoder replica
+        hold each one now (one replica of each is asked; a model not held loads on its first request)."""
+        encoder = await await_call(self.encoder.get_stats.remote(), 10.0)
+        decoder = await await_call(self.decoder.get_stats.remote(), 10.0)
+        registry = self.service.registry
+        return ModelList(default=registry.default, models=[
+            ModelOut(name=name, source=spec.source, architecture=self.service.arch(name),
+                     default=name == registry.default,
+                     loaded={"encoder": encoder["models"].get(name, {}).get("loaded", False),
+                             "decoder": decoder["models"].get(name, {}).get("loaded", False)},
+                     prompts=["concept"] if self.service.arch(name) == LITE_ARCH else ["concept", "visual", "auto"],
+                     video=self.service.arch(name) != LITE_ARCH,
+                     stats={"encoder": encoder["models"].get(name, {}), "decoder": decoder["models"].get(name, {})})
+            for name, spec in registry.specs.items()])
 
     @app.get("/v1/stats", tags=["ops"], responses=error_responses(NativeError, 401, 429, 503, 504))
     async def stats(self) -> dict:
@@ -172,7 +193,8 @@ class Ingress:
         decoder = await await_call(self.decoder.get_stats.remote(), 10.0)
         video = await await_call(self.sessions.stats.remote(), 10.0) if self.sessions is not None else None
         return {
-            "model": self.config.model, "encoder": encoder, "decoder": decoder, "video": video,
+            "model": self.config.model, "models": self.service.registry.names,
+            "default_model": self.service.registry.default, "encoder": encoder, "decoder": decoder, "video": video,
             "ingress_rss_bytes": rss_bytes(), "ingress_replica": serve.get_replica_context().replica_id.unique_id,
             "admission": self.admission.stats(), "failover": dict(self.failover.counts),
             **(await self.service.stats()),

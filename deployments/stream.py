@@ -18,6 +18,7 @@ from ray.serve import metrics  # Serve tags: deployment, replica, application
 
 from deployments.handles import replica_logging, unwrap
 from serve_app.core.config import Config
+from serve_app.core.registry import Registry
 from serve_app.core.errors import Sam3Error
 from serve_app.core.stats import rss_bytes
 from serve_app.image.engine import ImageEngine
@@ -92,6 +93,8 @@ class VideoStreams:
 
     def __init__(self, config: Config) -> None:
         replica_logging(config)
+        models = Registry.from_config(config)
+        config = models.config_for(config, models.default)  # streams track with the default model
         self.config = config
         self.registry: SessionRegistry[ray.actor.ActorHandle] = SessionRegistry(config.video_max_streams, math.inf)
         self.app = serve.get_replica_context().app_name or "default"

@@ -17,6 +17,7 @@ from ray.serve import metrics  # Serve tags: deployment, replica, application
 
 from deployments.handles import replica_logging, shared_kv, unwrap
 from serve_app.core.config import Config
+from serve_app.core.registry import Registry
 from serve_app.core.errors import Gone, Sam3Error, TooManyRequests
 from serve_app.core.stats import rss_bytes
 from serve_app.image.models import built_in_code, load_video_model
@@ -69,7 +70,9 @@ class VideoSessions:
         self.app, self.replica_id = context.app_name or "default", context.replica_id
         self.lost: dict[str, str] = {}  # session id -> owner: sessions whose actor did not outlive a restart
         # Models built in code take seconds to build and a fraction of that to unpickle: build once, share.
-        self._model_ref = ray.put(load_video_model(config)) if built_in_code(config.model) else None
+        self.models = Registry.from_config(config)
+        self._model_refs: dict[str, object] = {}
+        self._shared_model(self.models.default)  # the default: built now, before the warm pool starts
         self.pool: WarmPool[ray.actor.ActorHandle] = WarmPool(
             config.video_warm_sessions, self._launch, _loaded, _kill
         )
@@ -81,13 +84,22 @@ class VideoSessions:
         self._open.set(len(self.registry))
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
 
-    def _launch(self) -> tuple[str, ray.actor.ActorHandle]:
-        """Start a session actor (its model loads in its __init__; `ready` answers once it has)."""
+    def _shared_model(self, model: str):
+        """An object-store copy of `model`'s weights when they are built in code (else None: the actor loads them)."""
+        if model not in self._model_refs:
+            config = self.models.config_for(self.config, model)
+            self._model_refs[model] = ray.put(load_video_model(config)) if built_in_code(config.model) else None
+        return self._model_refs[model]
+
+    def _launch(self, model: str | None = None) -> tuple[str, ray.actor.ActorHandle]:
+        """Start a session actor on `model` (None: the default, what the warm pool holds); its model loads in its
+        __init__; `ready` answers once it has."""
+        model = model or self.models.default
         name = f"{ACTOR_PREFIX}:{self.app}:{self.replica_id.unique_id}:{secrets.token_hex(6)}"
         actor = SessionActor.options(
             num_gpus=self.config.video_num_gpus, num_cpus=self.config.num_cpus, name=name,
             namespace=ACTOR_NAMESPACE, lifetime="detached",  # outlives this replica; closed, expired or adopted
-        ).remote(self.config, self._model_ref)
+        ).remote(self.models.config_for(self.config, model), self._shared_model(model))
         return name, actor
 
     def _adopt(self) -> None:
@@ -130,13 +142,18 @@ class VideoSessions:
         except ValueError:
             return False
 
-    async def create(self, owner: str, data: bytes | None, frames: list[np.ndarray] | None, fps: float | None) -> dict:
+    async def create(self, owner: str, data: bytes | None, frames: list[np.ndarray] | None, fps: float | None,
+                     model: str | None = None) -> dict:
+        """A session on `model` (a registry name; None: the default). The warm pool holds the default model, so a
+        session on another one starts its actor cold."""
         started = time.perf_counter()
+        model = self.models.resolve(model).name
+        pooled = model == self.models.default
         session_id = self.registry.reserve()
         name, actor, warm = None, None, None
         try:
-            warm = await self.pool.take()
-            name, actor = (warm.name, warm.handle) if warm is not None else self._launch()
+            warm = await self.pool.take() if pooled else None
+            name, actor = (warm.name, warm.handle) if warm is not None else self._launch(model)
             self.pool.fill(self.registry.free())  # the replacement starts now, while this session decodes
             if warm is None:
                 await actor.ready.remote()  # a cold start: the process starts and loads the model
@@ -145,7 +162,7 @@ class VideoSessions:
         except BaseException as exc:  # a bad video (or a caller gone) frees its place and its actor
             self.registry.release()
             if actor is not None:
-                self._after_failed_load(name, actor, exc)
+                self._after_failed_load(name, actor, exc, pooled)
             self.pool.fill(self.registry.free())
             if isinstance(exc, Exception):
                 raise unwrap(exc) from None
@@ -161,12 +178,13 @@ class VideoSessions:
         logger.info("video session %s opened (%d frames, %s actor, %s ms)", session_id, info["num_frames"],
                     "warm" if warm is not None else "cold", timings)
         return {"session_id": session_id, "expires_after_idle_s": self.config.video_session_ttl_s, **info,
-                "warm_start": warm is not None, "timings_ms": timings}
+                "model": model, "warm_start": warm is not None, "timings_ms": timings}
 
-    def _after_failed_load(self, name: str, actor: ray.actor.ActorHandle, exc: BaseException) -> None:
-        """A video the actor refused (a 4xx) leaves it loaded and reusable: reset it into the pool. Anything else
-        (the actor died, the caller went away mid-decode) kills it."""
-        if isinstance(unwrap(exc), Sam3Error) and self.pool.size:
+    def _after_failed_load(self, name: str, actor: ray.actor.ActorHandle, exc: BaseException,
+                           pooled: bool = True) -> None:
+        """A video the actor refused (a 4xx) leaves it loaded and reusable: reset it into the pool (when it holds
+        the default model). Anything else (the actor died, the caller went away mid-decode) kills it."""
+        if pooled and isinstance(unwrap(exc), Sam3Error) and self.pool.size:
             asyncio.get_event_loop().create_task(self._recycle(name, actor))
         else:
             ray.kill(actor, no_restart=True)

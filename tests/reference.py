@@ -80,3 +80,40 @@ def served_instances(prompt_result: dict) -> list[tuple[float, np.ndarray, np.nd
     return [
         (inst["score"], np.asarray(inst["box"]), rle_decode(inst["mask"])) for inst in prompt_result["instances"]
     ]
+
+
+def hf_video_session(cls, engine, frames: list[np.ndarray]):
+    """A transformers video inference session holding every preprocessed frame (what init_video_session stores)."""
+    height, width = frames[0].shape[:2]
+    video = torch.stack([engine.preprocess([f])[0] for f in frames])
+    return cls(video=video, video_height=height, video_width=width, inference_device=engine.device,
+               inference_state_device=engine.device, video_storage_device="cpu", dtype=engine.dtype)
+
+
+@torch.inference_mode()
+def click_tracking_reference(engine, frames: list[np.ndarray], object_id: int, points: list, labels: list,
+                             box: list | None) -> dict[int, np.ndarray]:
+    """{frame: mask} of one object clicked (and boxed) on frame 0 and tracked forward, by transformers'
+    Sam3TrackerVideoModel driven directly (Sam3TrackerVideoProcessor's steps by hand)."""
+    from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
+
+    height, width = frames[0].shape[:2]
+    model, side = engine.bundle.video_tracker, engine.bundle.image_size
+    hf = hf_video_session(Sam3TrackerVideoInferenceSession, engine, frames)
+    coords, codes = [], []
+    if box is not None:  # pixels -> the model square, box corners first (labels 2, 3)
+        coords += [[box[0] * side / width, box[1] * side / height], [box[2] * side / width, box[3] * side / height]]
+        codes += [2, 3]
+    coords += [[x * side / width, y * side / height] for x, y in points]
+    codes += list(labels)
+    obj_idx = hf.obj_id_to_idx(object_id)
+    hf.add_point_inputs(obj_idx, 0, {"point_coords": torch.tensor(coords).reshape(1, 1, -1, 2),
+                                     "point_labels": torch.tensor(codes, dtype=torch.int32).reshape(1, 1, -1)})
+    hf.obj_with_new_inputs = [object_id]
+    model(inference_session=hf, frame_idx=0)
+
+    def upsample(logits: torch.Tensor) -> np.ndarray:
+        return (F.interpolate(logits.float()[:, None], (height, width), mode="bilinear", align_corners=False)[:, 0]
+                > 0).numpy()
+
+    return {out.frame_idx: upsample(out.pred_masks[:, 0])[0] for out in model.propagate_in_video_iterator(hf)}

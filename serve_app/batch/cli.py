@@ -9,6 +9,7 @@ from pathlib import Path
 
 from serve_app.batch.spec import ImageJob, Resources, SpecError, Thresholds, VideoJob
 from serve_app.core.config import Config
+from serve_app.core.registry import Registry, UnknownModel
 
 EXAMPLES = """examples:
   sam3-batch images ./photos --text dog --text "red car" -o ./out
@@ -34,7 +35,9 @@ def _common(parser: argparse.ArgumentParser, batch_size: int, rows_per_block: in
     parser.add_argument("--limit", type=int, help="only the first N inputs (a later run without it resumes)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run; load no model, start no Ray")
     parser.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--model", help="SAM3_MODEL: tiny-random, full-random, a hub id or a directory")
+    parser.add_argument("--model", help="SAM3_MODEL: tiny-random, full-random, a hub id or a directory; with "
+                        "--models (or SAM3_MODELS), one of its names")
+    parser.add_argument("--models", help="SAM3_MODELS: name=source pairs (docs/models.md); --model picks one")
     parser.add_argument("--device", help="SAM3_DEVICE: auto, cpu, cuda")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="SAM3_DTYPE")
     group = parser.add_argument_group("resources")
@@ -111,9 +114,18 @@ def job_from_args(args: argparse.Namespace) -> ImageJob | VideoJob:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = {k: getattr(args, k) for k in ("model", "device", "dtype") if getattr(args, k) is not None}
+    """The batch's Config. With a registry (SAM3_MODELS or --models), `--model` names one of its models (unset: the
+    default) and the run loads that model's source; without one, `--model` is a source, as SAM3_MODEL."""
+    overrides = {k: getattr(args, k) for k in ("models", "device", "dtype") if getattr(args, k) is not None}
     try:
-        return Config.from_env(**overrides)
+        config = Config.from_env(**overrides)
+        if config.models.strip():
+            registry = Registry.from_config(config)
+            try:
+                return registry.config_for(config, registry.resolve(args.model).name)
+            except UnknownModel as exc:
+                raise SpecError(exc.message) from None
+        return config.model_copy(update={"model": args.model}) if args.model else config
     except ValueError as exc:
         raise SpecError(str(exc)) from None
 

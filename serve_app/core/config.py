@@ -6,7 +6,7 @@ import json
 import os
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 _PREFIX = "SAM3_"
 
@@ -18,6 +18,18 @@ class Config(BaseModel):
         "tiny-random", description="`tiny-random`, `full-random` (facebook/sam3's architecture, random weights: for "
         "benchmarks), a Hugging Face model id (`facebook/sam3` is gated: accept the licence, set HF_TOKEN), or a "
         "`save_pretrained` directory."
+    )
+    models: str = Field(
+        "", description="Several models at once, chosen per request: comma-separated `name=source` pairs, each source "
+        "anything SAM3_MODEL takes, or `tiny-random:<seed>` (tiny-random with other weights), or `tiny-random-lite` "
+        "(a tiny sam3_lite_text model: concept prompts only). Empty: SAM3_MODEL alone, named `sam3` "
+        "(docs/models.md)."
+    )
+    default_model: str = Field("", description="The model a request that names none gets (empty: the first of "
+                               "SAM3_MODELS).")
+    models_per_replica: int = Field(
+        2, ge=1, description="Models one encoder or decoder replica holds at once (Serve model multiplexing); the "
+        "least recently used is unloaded to load another."
     )
     device: str = Field("auto", description="`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -272,6 +284,16 @@ class Config(BaseModel):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @model_validator(mode="after")
+    def _registry(self) -> Config:
+        from serve_app.core.registry import Registry, RegistryError
+
+        try:
+            Registry.from_config(self)
+        except RegistryError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Config:
         """Read every `SAM3_<FIELD>` variable; explicit overrides win. Raises ValueError with a readable message."""
@@ -294,7 +316,7 @@ class Config(BaseModel):
 # The knobs by topic: docs/configuration.md's table and `sam3-serve --help` group them so (a test checks that every
 # field is in exactly one topic).
 TOPICS: dict[str, tuple[str, ...]] = {
-    "Model and device": ("model", "device", "dtype"),
+    "Model and device": ("model", "models", "default_model", "models_per_replica", "device", "dtype"),
     "HTTP, auth and deadlines": ("host", "port", "api_keys", "request_timeout_s", "max_request_bytes",
                                  "ingress_max_inflight_bytes"),
     "Admission, overload and failures": ("admission_running_per_replica", "admission_max_wait_s",

@@ -75,3 +75,50 @@ def status_bytes(field: str, pid: int | str = "self") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+class ModelStats:
+    """Per model of one encoder or decoder replica: requests and their time, loads, evictions, and what it holds.
+
+    `evictions` counts the models that left the replica's held set (Serve's multiplexer unloads the least recently
+    used one to load another). `on_event(kind, model, seconds)` feeds Ray metrics: kind is request, load or evict.
+    """
+
+    def __init__(self, names: list[str], on_event=None) -> None:
+        self._lock = threading.Lock()
+        self._per = {name: {"requests": 0, "seconds": 0.0, "loads": 0, "evictions": 0, "load_s": 0.0}
+                     for name in names}
+        self._held: list[str] = []
+        self.on_event = on_event or (lambda kind, model, seconds: None)
+
+    def request(self, name: str, seconds: float) -> None:
+        with self._lock:
+            row = self._per[name]
+            row["requests"] += 1
+            row["seconds"] += seconds
+        self.on_event("request", name, seconds)
+
+    def loaded(self, name: str, seconds: float) -> None:
+        with self._lock:
+            row = self._per[name]
+            row["loads"] += 1
+            row["load_s"] = seconds
+        self.on_event("load", name, seconds)
+
+    def holding(self, names: list[str]) -> None:
+        """What the replica holds now: a model that was held and is not any more was evicted."""
+        with self._lock:
+            gone = [n for n in self._held if n not in names]
+            for name in gone:
+                self._per[name]["evictions"] += 1
+            self._held = list(names)
+        for name in gone:
+            self.on_event("evict", name, 0.0)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {name: {"loaded": name in self._held, "requests": row["requests"],
+                           "mean_ms": round(row["seconds"] * 1000 / row["requests"], 2) if row["requests"] else 0.0,
+                           "loads": row["loads"], "evictions": row["evictions"],
+                           "last_load_s": round(row["load_s"], 3)}
+                    for name, row in self._per.items()}

@@ -79,6 +79,7 @@ class SegmentRequest:
     image: ImageInput
     prompts: list[Prompt]
     params: SegmentParams = field(default_factory=SegmentParams)
+    model: str | None = None  # a registry name (serve_app/core/registry.py); None: the default model
 
 
 @dataclass
@@ -121,3 +122,4 @@ class SegmentResult:
     width: int
     prompts: list[PromptResult]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    model: str | None = None  # the registry name of the model that answered

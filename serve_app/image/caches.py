@@ -16,19 +16,22 @@ from serve_app.core.config import Config
 
 
 class Encoder(Protocol):
-    async def encode(self, image: np.ndarray) -> object: ...
+    async def encode(self, image: np.ndarray, model: str | None = None) -> object: ...
 
-    async def embedding_bytes(self) -> int: ...
+    async def embedding_bytes(self, model: str | None = None) -> int: ...
 
 
 class Caches(Protocol):
-    """What SegmentService needs of the caches; keys are (tenant, image key): a key never sees another's entries."""
+    """What SegmentService needs of the caches; keys are (tenant, model, image key): a key never sees another's
+    entries, and an embedding of one model is never used for another."""
 
     async def get_embedding(self, key: tuple) -> CachedEmbedding | None: ...
 
-    async def encode(self, key: tuple, pixels: np.ndarray, height: int, width: int) -> object: ...
+    async def encode(self, key: tuple, pixels: np.ndarray, height: int, width: int,
+                     model: str | None = None) -> object: ...
 
-    async def lookup_or_encode(self, key: tuple, pixels: object, height: int, width: int) -> tuple[object, bool]: ...
+    async def lookup_or_encode(self, key: tuple, pixels: object, height: int, width: int,
+                               model: str | None = None) -> tuple[object, bool]: ...
 
     async def pop_embedding(self, key: tuple) -> None: ...
 
@@ -50,21 +53,21 @@ class LocalCaches:
     async def get_embedding(self, key: tuple) -> CachedEmbedding | None:
         return self.embeddings.get(key)
 
-    async def encode(self, key: tuple, pixels: object, height: int, width: int) -> object:
-        """Encode and keep: the embedding (a tensor in process, an ObjectRef this process owns under Serve).
-
-        `pixels` is the image, or under Serve an ObjectRef of it that only the encoder replica resolves."""
-        embedding = await self.encoder.encode(pixels)
+    async def encode(self, key: tuple, pixels: object, height: int, width: int, model: str | None = None) -> object:
+        """Encode by `model` and keep: the embedding (a tensor in process, an ObjectRef this process owns under
+        Serve). `pixels` is the image, or under Serve an ObjectRef of it that only the encoder replica resolves."""
+        embedding = await self.encoder.encode(pixels, model)
         entry = CachedEmbedding(embedding, int(height), int(width))
-        self.embeddings.put(key, entry, await self.encoder.embedding_bytes())
+        self.embeddings.put(key, entry, await self.encoder.embedding_bytes(model))
         return embedding
 
-    async def lookup_or_encode(self, key: tuple, pixels: object, height: int, width: int) -> tuple[object, bool]:
+    async def lookup_or_encode(self, key: tuple, pixels: object, height: int, width: int,
+                               model: str | None = None) -> tuple[object, bool]:
         """The cached embedding and True, or `encode`'s and False: one call (one hop under Serve) for both."""
         hit = self.embeddings.get(key)
         if hit is not None:
             return hit.embedding, True
-        return await self.encode(key, pixels, height, width), False
+        return await self.encode(key, pixels, height, width, model), False
 
     async def pop_embedding(self, key: tuple) -> None:
         self.embeddings.pop(key)

@@ -19,6 +19,8 @@ from serve_app.image.roi_align import install_roi_align_fallback
 logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
+TINY_LITE = "tiny-random-lite"  # a tiny sam3_lite_text model: concept prompts only
+TINY_SEED_RE = re.compile(r"^tiny-random:(\d{1,9})$")
 FULL_RANDOM = "full-random"  # facebook/sam3's architecture with random weights: benchmarks without a download
 TINY_SEED = 0
 TINY_INIT_RANGE = 0.15  # at the default 0.02, tiny mask logits are ~1e-3 and every pixel sits on the threshold
@@ -84,16 +86,56 @@ def _all_configs(config) -> list:
     return found
 
 
-def build_tiny_random():
-    """`tiny-random`: fixed seed, wide enough init that mask logits are far from 0 and scores spread over (0, 1)."""
+def build_tiny_random(seed: int = TINY_SEED):
+    """`tiny-random` (`tiny-random:<seed>` for other weights): wide enough init that mask logits are far from 0 and
+    scores spread over (0, 1)."""
     from transformers import Sam3VideoModel
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+        torch.manual_seed(seed)
         model = Sam3VideoModel(tiny_video_config())
     with torch.no_grad():  # random presence logits sit near 0 (p=0.5) and would cap every score at 0.5
         model.detector_model.detr_decoder.presence_head.layer3.bias.fill_(TINY_PRESENCE_BIAS)
     return model.eval()
+
+
+def tiny_lite_config():
+    """`tiny-random-lite`: a `sam3_lite_text` model (SAM3's detector with the small MobileCLIP-style text encoder)
+    at tiny-random's size, sharing its vision, DETR and mask-decoder shapes."""
+    from transformers import Sam3LiteTextConfig
+
+    detector = tiny_video_config().detector_config.to_dict()
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=TEXT_LENGTH, repmixer_kernel_size=3)
+    config = Sam3LiteTextConfig(
+        vision_config=detector["vision_config"], text_config=text,
+        geometry_encoder_config=detector["geometry_encoder_config"],
+        detr_encoder_config=detector["detr_encoder_config"], detr_decoder_config=detector["detr_decoder_config"],
+        mask_decoder_config=detector["mask_decoder_config"],
+    )
+    for sub in _all_configs(config):
+        if hasattr(sub, "initializer_range"):
+            sub.initializer_range = TINY_INIT_RANGE
+    return config
+
+
+def build_tiny_lite():
+    from transformers import Sam3LiteTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = Sam3LiteTextModel(tiny_lite_config())
+    with torch.no_grad():
+        model.detr_decoder.presence_head.layer3.bias.fill_(TINY_PRESENCE_BIAS)
+    return model.eval()
+
+
+def tiny_seed(name: str) -> int | None:
+    """The seed of `tiny-random` (0) or `tiny-random:<seed>`; None for any other source."""
+    if name == TINY_RANDOM:
+        return TINY_SEED
+    match = TINY_SEED_RE.match(name)
+    return int(match.group(1)) if match else None
 
 
 class HashTokenizer:
@@ -138,16 +180,23 @@ class HFTokenizer:
 
 @dataclass
 class ModelBundle:
-    """Everything the engine needs, sharing one copy of the vision backbone."""
+    """Everything the engine needs, sharing one copy of the vision backbone.
+
+    A `sam3_lite_text` model is a detector alone: `video`, `tracker` and `video_tracker` are None, and it serves
+    concept prompts only."""
 
     name: str
-    video: torch.nn.Module  # Sam3VideoModel
-    detector: torch.nn.Module  # Sam3Model (the video model's own detector)
-    tracker: torch.nn.Module  # Sam3TrackerModel assembled from the video model's parts
-    video_tracker: torch.nn.Module  # Sam3TrackerVideoModel assembled the same way (click tracking in videos)
+    video: torch.nn.Module | None  # Sam3VideoModel
+    detector: torch.nn.Module  # Sam3Model (the video model's own detector), or a Sam3LiteTextModel
+    tracker: torch.nn.Module | None  # Sam3TrackerModel assembled from the video model's parts
+    video_tracker: torch.nn.Module | None  # Sam3TrackerVideoModel assembled the same way (click tracking in videos)
     tokenizer: HashTokenizer | HFTokenizer
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def arch(self) -> str:
+        return "sam3_video" if self.video is not None else "sam3_lite_text"
 
     @property
     def image_size(self) -> int:
@@ -223,10 +272,14 @@ def _load_error(name: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"could not load SAM3 model {name!r}: {type(exc).__name__}: {first}. {_HOW_TO_FIX}")
 
 
-def probe_model(name: str) -> None:
-    """Cheap start-up check (config only): the model exists, is reachable and is a sam3_video checkpoint."""
-    if name in (TINY_RANDOM, FULL_RANDOM):
-        return
+SERVED_ARCHS = ("sam3_video", "sam3_lite_text")
+
+
+def checkpoint_arch(name: str) -> str:
+    """Cheap check (config only): the model exists, is reachable and is a sam3_video or sam3_lite_text checkpoint;
+    returns which."""
+    if built_in_code(name):
+        return "sam3_lite_text" if name == TINY_LITE else "sam3_video"
     from transformers import AutoConfig
 
     source = _resolve_source(name)
@@ -234,8 +287,15 @@ def probe_model(name: str) -> None:
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one start-up message
         raise _load_error(name, exc) from exc
-    if config.model_type != "sam3_video":
-        raise ModelLoadError(f"SAM3_MODEL={name!r} is a {config.model_type} checkpoint; a sam3_video one is needed")
+    if config.model_type not in SERVED_ARCHS:
+        raise ModelLoadError(f"SAM3_MODEL={name!r} is a {config.model_type} checkpoint; a sam3_video (or "
+                             "sam3_lite_text) one is needed")
+    return config.model_type
+
+
+def probe_model(name: str) -> None:
+    """Start-up check of one source (see checkpoint_arch)."""
+    checkpoint_arch(name)
 
 
 def assemble_video_tracker(video: torch.nn.Module) -> torch.nn.Module:
@@ -261,17 +321,24 @@ def assemble_video_tracker(video: torch.nn.Module) -> torch.nn.Module:
 def _load_video_model(name: str, dtype: torch.dtype):
     from transformers import Sam3VideoModel
 
-    if name == TINY_RANDOM:
-        return build_tiny_random().to(dtype)
+    if name == TINY_LITE:
+        return build_tiny_lite().to(dtype)
+    if (seed := tiny_seed(name)) is not None:
+        return build_tiny_random(seed).to(dtype)
     if name == FULL_RANDOM:
         from transformers import Sam3VideoConfig
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             return Sam3VideoModel(Sam3VideoConfig()).to(dtype).eval()
-    probe_model(name)
+    arch = checkpoint_arch(name)
     try:
-        model = Sam3VideoModel.from_pretrained(_resolve_source(name), dtype=dtype)
+        if arch == "sam3_lite_text":
+            from transformers import Sam3LiteTextModel
+
+            model = Sam3LiteTextModel.from_pretrained(_resolve_source(name), dtype=dtype)
+        else:
+            model = Sam3VideoModel.from_pretrained(_resolve_source(name), dtype=dtype)
     except Exception as exc:  # noqa: BLE001
         raise _load_error(name, exc) from exc
     return _own_storage(model)
@@ -290,7 +357,7 @@ def _own_storage(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _load_tokenizer(name: str, vocab_size: int):
-    if name in (TINY_RANDOM, FULL_RANDOM):
+    if built_in_code(name):
         return HashTokenizer(vocab_size)
     local = Path(name).expanduser()
     marker = local / HASH_TOKENIZER_FILE
@@ -307,7 +374,7 @@ def _load_tokenizer(name: str, vocab_size: int):
 
 def built_in_code(name: str) -> bool:
     """Models built from a config in code (no files): slow to build, cheap to copy to another process."""
-    return name in (TINY_RANDOM, FULL_RANDOM)
+    return name in (TINY_RANDOM, FULL_RANDOM, TINY_LITE) or bool(TINY_SEED_RE.match(name))
 
 
 def load_video_model(config: Config) -> torch.nn.Module:
@@ -320,6 +387,11 @@ def load_bundle(config: Config, video: torch.nn.Module | None = None) -> ModelBu
     install_roi_align_fallback()
     device, dtype = resolve_device(config)
     video = (video if video is not None else _load_video_model(config.model, dtype)).eval()
+    if video.config.model_type == "sam3_lite_text":  # a detector alone: concept prompts only
+        tokenizer = _load_tokenizer(config.model, video.config.text_config.vocab_size)
+        video.to(device)
+        logger.info("loaded SAM3-LiteText model %s on %s (%s)", config.model, device, dtype)
+        return ModelBundle(config.model, None, video, None, None, tokenizer, device, dtype)
     tokenizer = _load_tokenizer(config.model, video.config.detector_config.text_config.vocab_size)
     tracker = assemble_image_tracker(video)
     video_tracker = assemble_video_tracker(video)
@@ -331,6 +403,6 @@ def load_bundle(config: Config, video: torch.nn.Module | None = None) -> ModelBu
 
 def save_bundle(bundle: ModelBundle, directory: str | os.PathLike) -> None:
     """Write the model and its tokenizer in `save_pretrained` layout, loadable with SAM3_MODEL=<directory>."""
-    bundle.video.save_pretrained(directory)
+    (bundle.video if bundle.video is not None else bundle.detector).save_pretrained(directory)
     tok = bundle.tokenizer
     (tok.tokenizer if isinstance(tok, HFTokenizer) else tok).save_pretrained(directory)

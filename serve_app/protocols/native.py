@@ -90,6 +90,9 @@ class SegmentRequestIn(_Strict):
         None, ge=0.0, le=100.0, description="With output=polygon: Douglas-Peucker tolerance in pixels."
     )
     return_logits: bool = Field(False, description="Visual prompts: include low-res logits for refinement.")
+    model: str | None = Field(
+        None, max_length=64, description="Which served model answers (`GET /v1/models`); omitted: the default. An "
+        "unknown name is a 404 `model_not_found`.")
 
     @field_validator("image")
     @classmethod
@@ -120,6 +123,23 @@ class SegmentResponseOut(BaseModel):
     output: str
     prompts: list[PromptResultOut]
     timings_ms: dict[str, float]
+    model: str = Field(description="The served model that answered.")
+
+
+class ModelOut(BaseModel):
+    name: str = Field(description="What a request's `model` field names.")
+    source: str = Field(description="Where its weights come from (SAM3_MODELS).")
+    architecture: Literal["sam3_video", "sam3_lite_text"]
+    default: bool = Field(description="Requests that name no model get this one.")
+    loaded: dict[str, bool] = Field(description="Whether an encoder and a decoder replica hold it now.")
+    prompts: list[str] = Field(description="Prompt types it serves: sam3_lite_text serves concept prompts only.")
+    video: bool = Field(description="Whether video sessions and streams can use it.")
+    stats: dict[str, dict] = Field(description="Per replica asked: requests, mean ms, loads, evictions.")
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelOut]
 
 
 def encode_logits(array: np.ndarray) -> str:
@@ -165,7 +185,8 @@ def to_internal(body: SegmentRequestIn, config: Config) -> SegmentRequest:
         max_instances=min(body.max_instances, config.max_instances),
         return_logits=body.return_logits,
     )
-    return SegmentRequest(ImageInput(body.image, body.image_id), [to_prompt(p) for p in body.prompts], params)
+    return SegmentRequest(ImageInput(body.image, body.image_id), [to_prompt(p) for p in body.prompts], params,
+                          body.model)
 
 
 def render_mask(rle: dict, output: str, epsilon: float | None) -> dict | list | str:
@@ -195,7 +216,7 @@ def render(result: SegmentResult, body: SegmentRequestIn, cache_key: str) -> Seg
     ]
     return SegmentResponseOut(
         width=result.width, height=result.height, image_id=cache_key, output=body.output, prompts=prompts,
-        timings_ms=result.timings_ms,
+        timings_ms=result.timings_ms, model=result.model or "",
     )
 
 

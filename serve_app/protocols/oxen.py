@@ -85,7 +85,8 @@ class ImageEditRequest(Sam3ImageInput):
 
     model_config = ConfigDict(extra="forbid", title="ImageEditRequest")
 
-    model: str = Field(description=f"The model id; this server serves `{MODEL_ID}`.")
+    model: str = Field(max_length=128, description=f"The model id: `{MODEL_ID}` (the default model) or a name "
+                       "from `GET /api/ai/models`.")
     response_format: Literal["url", "b64_json"] = Field(
         "url", description="`url` returns links to the generated files; `b64_json` returns their bytes inline."
     )
@@ -141,9 +142,30 @@ class ModelList(BaseModel):
 # ------------------------------------------------------------------------------------------------ translation
 
 
-def check_model(model_id: str) -> None:
-    if model_id != MODEL_ID:
-        raise NotFound(f"Model not found: {model_id} (this server serves {MODEL_ID})")
+def served_model(service: SegmentService, model_id: str) -> str:
+    """Oxen's `model` -> a served model: `sam-3-image` is the default; a SAM3_MODELS name is that model; anything
+    else is a 404 in Oxen's shape."""
+    if model_id == MODEL_ID:
+        return service.registry.default
+    if service.config.models.strip() and model_id in service.registry.specs:
+        return model_id
+    served = ", ".join([MODEL_ID, *registry_ids(service)])
+    raise NotFound(f"Model not found: {model_id[:80]} (this server serves {served})")
+
+
+def registry_ids(service: SegmentService) -> list[str]:
+    """The SAM3_MODELS names, each an Oxen model id of its own (none with SAM3_MODEL alone)."""
+    return list(service.registry.specs) if service.config.models.strip() else []
+
+
+def registry_object(service: SegmentService, name: str) -> ModelObject:
+    spec = service.registry.specs[name]
+    base = model_object(service.config)
+    return base.model_copy(update={
+        "id": name, "name": f"{MODEL_NAME} ({name})", "display_name": f"{MODEL_NAME} ({name})",
+        "description": f"{MODEL_DESCRIPTION} Weights: {spec.source}"
+                       + (" (the default: `sam-3-image` answers with it)." if name == service.registry.default else "."),
+        "served_weights": spec.source})
 
 
 def to_internal(body: Sam3ImageInput, config: Config) -> SegmentRequest:
@@ -269,16 +291,18 @@ async def images_edit(
     service: SegmentService = Depends(get_service),
 ) -> dict:
     """Segment everything the prompt names; answer with the edited image, the union mask and per-instance masks."""
-    check_model(body.model)
-    result, resolved = await service.segment(to_internal(body, service.config), tenant, need_pixels=True)
+    internal = to_internal(body, service.config)
+    internal.model = served_model(service, body.model)
+    result, resolved = await service.segment(internal, tenant, need_pixels=True)
     publish = publisher(request, media_store(service.config), tenant)
     return await asyncio.to_thread(render_edit, body, result, resolved, publish=publish)
 
 
 @router.get("/api/ai/models", response_model=ModelList, responses=error_responses(OxenError, 401, 422, 503))
 async def list_models(_: str = Depends(oxen_tenant), service: SegmentService = Depends(get_service)) -> ModelList:
-    """The models this server answers for."""
-    return ModelList(data=[build(service.config) for build in MODEL_OBJECTS.values()])
+    """The models this server answers for: sam-3-image (the default model), sam-3-video, and each SAM3_MODELS name."""
+    return ModelList(data=[build(service.config) for build in MODEL_OBJECTS.values()]
+                     + [registry_object(service, name) for name in registry_ids(service)])
 
 
 @router.get(
@@ -288,8 +312,11 @@ async def get_model(
     model_id: str, _: str = Depends(oxen_tenant), service: SegmentService = Depends(get_service)
 ) -> ModelObject:
     """The model object, with the JSON Schema of its request parameters."""
+    if model_id in registry_ids(service) and model_id not in MODEL_OBJECTS:
+        return registry_object(service, model_id)
     if model_id not in MODEL_OBJECTS:
-        raise NotFound(f"Model not found: {model_id} (this server serves {', '.join(MODEL_OBJECTS)})")
+        served = ", ".join([*MODEL_OBJECTS, *registry_ids(service)])
+        raise NotFound(f"Model not found: {model_id[:80]} (this server serves {served})")
     return MODEL_OBJECTS[model_id](service.config)
 
 

@@ -54,7 +54,16 @@ QUEUE_MODELS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
 }
 
 
-def parse_queue_body(raw: bytes) -> tuple[BaseModel, str]:
+def queue_model(model: str, registry_names: tuple[str, ...] = ()) -> tuple:
+    """(queue request type, sync request type, kind) of an Oxen model id; a SAM3_MODELS name is an image model."""
+    if model in QUEUE_MODELS:
+        return QUEUE_MODELS[model]
+    if model in registry_names:
+        return QUEUE_MODELS[oxen.MODEL_ID]
+    raise NotFound(f"Model not found: {model[:80]} (the queue serves {', '.join([*QUEUE_MODELS, *registry_names])})")
+
+
+def parse_queue_body(raw: bytes, registry_names: tuple[str, ...] = ()) -> tuple[BaseModel, str]:
     """The request for the model it names (unknown model: 404 before anything else is checked)."""
     try:
         data = json.loads(raw)
@@ -66,9 +75,7 @@ def parse_queue_body(raw: bytes) -> tuple[BaseModel, str]:
     if not isinstance(model, str):
         problem = "Field required" if model is None else "Input should be a valid string"
         raise ValidationFailed(f"invalid request: model: {problem}", details=[{"field": "model", "message": problem}])
-    if model not in QUEUE_MODELS:
-        raise NotFound(f"Model not found: {model} (the queue serves {', '.join(QUEUE_MODELS)})")
-    queue_type, _, kind = QUEUE_MODELS[model]
+    queue_type, _, kind = queue_model(model, registry_names)
     try:
         return queue_type.model_validate(data), kind
     except ValidationError as exc:
@@ -110,11 +117,12 @@ class OxenJobs:
     async def __call__(self, job: dict) -> Outcome:
         if job["kind"] in self.other_kinds:
             return await self.other_kinds[job["kind"]](job)
-        _, request_type, kind = QUEUE_MODELS[job["model"]]
+        _, request_type, kind = queue_model(job["model"], tuple(oxen.registry_ids(self.service)))
         body = request_type.model_validate(job["request"])
         files = FileCollector(job["media_base"])
         if kind == "image":
             request = oxen.to_internal(body, self.service.config)
+            request.model = oxen.served_model(self.service, job["model"])
             result, resolved = await self.service.segment(request, job["tenant"], need_pixels=True)
             response = await asyncio.to_thread(oxen.render_edit, body, result, resolved, publish=files)
             first = response["images"][0]
@@ -146,7 +154,7 @@ async def enqueue(
     """Enqueue 1-4 generations of `sam-3-image` or `sam-3-video` (the sync routes' bodies); returns their ids.
 
     With an `Idempotency-Key`, a repeated submission returns the first one's generations."""
-    body, kind = parse_queue_body(await request.body())
+    body, kind = parse_queue_body(await request.body(), tuple(oxen.registry_ids(service)))
     await check_input(getattr(body, "input_image", None) or getattr(body, "input_video"), service.config)
     params = body.model_dump(exclude={"num_generations"}, exclude_none=True)
     records = await jobs.submit(tenant, body.model, kind, params, media_base(request), body.num_generations,

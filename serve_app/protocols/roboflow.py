@@ -34,6 +34,8 @@ from serve_app.image.service import SegmentService, get_service
 
 MAX_PROMPTS = 16  # Roboflow's documented cap on /sam3/concept_segment
 DEFAULT_MODEL_ID = "sam3/sam3_final"
+MODEL_ID_HELP = ("The model: `sam3/sam3_final` (or unset) is the default; a name from `GET /v1/models` (or "
+                 "`sam3/<name>`) picks that model; any other id is a 404.")
 Number = Annotated[float, Field(allow_inf_nan=False)]
 Size = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -111,7 +113,7 @@ class ConceptSegmentIn(_Wire):
         None, ge=0.0, le=1.0, allow_inf_nan=False, description="IoU threshold for cross-prompt NMS; unset disables it."
     )
     image_id: str | None = Field(None, min_length=1, max_length=256, description="Optional ID for caching embeddings.")
-    model_id: str = Field(DEFAULT_MODEL_ID, description="Accepted for compatibility; the served SAM3 answers.")
+    model_id: str = Field(DEFAULT_MODEL_ID, max_length=128, description=MODEL_ID_HELP)
     api_key: str | None = Field(None, description="Fallback for the `api_key` query parameter.")
 
 
@@ -154,7 +156,7 @@ class VisualSegmentIn(_Wire):
     save_logits_to_cache: bool = Field(False, description="Keep the low-res logits for later refinement.")
     load_logits_from_cache: bool = Field(False, description="Refine with the logits of an earlier click prefix.")
     sam2_version_id: str | None = Field(None, description="Accepted for compatibility; ignored.")
-    model_id: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    model_id: str | None = Field(None, max_length=128, description=MODEL_ID_HELP)
     api_key: str | None = Field(None, description="Fallback for the `api_key` query parameter.")
 
     @field_validator("prompts", mode="before")
@@ -168,7 +170,7 @@ class EmbedImageIn(_Wire):
 
     image: ImageIn | None = Field(None, description="The image to embed; may be omitted when image_id is cached.")
     image_id: str | None = Field(None, min_length=1, max_length=256, description="Cache key; defaults to a digest.")
-    model_id: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    model_id: str | None = Field(None, max_length=128, description=MODEL_ID_HELP)
     api_key: str | None = Field(None, description="Fallback for the `api_key` query parameter.")
 
 
@@ -228,6 +230,15 @@ def exemplar_xyxy(box: BoxXYWH | BoxXYXY) -> Box:
     if isinstance(box, BoxXYXY):
         return box.x0, box.y0, box.x1, box.y1
     return tuple(float(v) for v in xywh_to_xyxy([box.x, box.y, box.width, box.height]))
+
+
+def served_model(service: SegmentService, model_id: str | None) -> str:
+    """Roboflow's `model_id` -> a served model: unset or `sam3/sam3_final` is the default; a SAM3_MODELS name (or
+    `sam3/<name>`) is that model; anything else is a 404 in Roboflow's shape."""
+    if model_id is None or model_id == DEFAULT_MODEL_ID:
+        return service.registry.default
+    name = model_id.removeprefix("sam3/") if model_id.removeprefix("sam3/") in service.registry.specs else model_id
+    return service.model(name).name
 
 
 def concept_to_internal(body: ConceptSegmentIn, max_instances: int) -> SegmentRequest:
@@ -337,25 +348,29 @@ def _tenant(service: SegmentService, authorization: str | None, query_key: str |
 
 async def _segment_visual(service: SegmentService, body: VisualSegmentIn, tenant: str) -> SegmentResult:
     """PVS through the service, with Roboflow's logits cache: per (tenant, image key), looked up by click prefix."""
+    model = served_model(service, body.model_id)
     prompts = [visual_prompt(p, body.multimask_output) for p in body.prompts.prompts or []]
+    service.check_prompts_for(model, prompts)
     image = image_input(body.image, body.image_id)
     if body.load_logits_from_cache:
-        key = (await service.resolve(image, tenant)).key  # the cache key is known only once the image is
+        key = (await service.resolve(image, tenant, model=model)).key  # the cache key is known once the image is
         image = ImageInput(image.source, key)
-        prompts = [replace(p, mask_logits=await prior_logits(service, (tenant, key), p)) for p in prompts]
+        prompts = [replace(p, mask_logits=await prior_logits(service, service.cache_key(tenant, model, key), p))
+                   for p in prompts]
     params = SegmentParams(max_instances=service.config.max_instances, return_logits=body.save_logits_to_cache)
-    result, resolved = await service.segment(SegmentRequest(image, prompts, params), tenant)
+    result, resolved = await service.segment(SegmentRequest(image, prompts, params, model), tenant)
     if body.save_logits_to_cache:
         for r in result.prompts:
             if r.low_res_logits is not None and len(r.low_res_logits):
                 points, box = click_history(prompts[r.prompt_index])
-                await service.caches.remember_logits((tenant, resolved.key), CachedLogits(points, box, r.low_res_logits[0]))
+                await service.caches.remember_logits(service.cache_key(tenant, model, resolved.key),
+                                                     CachedLogits(points, box, r.low_res_logits[0]))
     return result
 
 
 @router.post(
     "/sam3/concept_segment", response_model=ConceptSegmentOut,
-    responses=error_responses(RoboflowError, 400, 401, 413, 422, 429, 503, 504),
+    responses=error_responses(RoboflowError, 400, 401, 404, 413, 422, 429, 503, 504),
 )
 async def concept_segment(
     body: ConceptSegmentIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service),
@@ -364,13 +379,15 @@ async def concept_segment(
     """SAM3 PCS: every instance of each concept (text, exemplar boxes, or both)."""
     started = time.perf_counter()
     tenant = _tenant(service, authorization, api_key, body.api_key)
-    result, _ = await service.segment(concept_to_internal(body, service.config.max_instances), tenant)
+    request = concept_to_internal(body, service.config.max_instances)
+    request.model = served_model(service, body.model_id)
+    result, _ = await service.segment(request, tenant)
     return render_concept(result, body, started)
 
 
 @router.post(
     "/sam3/visual_segment", response_model=VisualSegmentOut,
-    responses=error_responses(RoboflowError, 400, 401, 413, 422, 429, 503, 504),
+    responses=error_responses(RoboflowError, 400, 401, 404, 413, 422, 429, 503, 504),
 )
 async def visual_segment(
     body: VisualSegmentIn, api_key: str | None = ApiKey, service: SegmentService = Depends(get_service),
@@ -394,5 +411,6 @@ async def embed_image(
     """Encode an image once; later requests with the returned image_id skip the encoder."""
     started = time.perf_counter()
     tenant = _tenant(service, authorization, api_key, body.api_key)
-    resolved = await service.resolve(image_input(body.image, body.image_id), tenant)
+    resolved = await service.resolve(image_input(body.image, body.image_id), tenant,
+                                     model=served_model(service, body.model_id))
     return EmbedImageOut(image_id=resolved.key, time=time.perf_counter() - started)

@@ -23,6 +23,7 @@ from serve_app.core.errors import (
 )
 from serve_app.core.http import validation_error_message
 from serve_app.core.openapi import NativeError, error_responses, request_body
+from serve_app.core.registry import LITE_ARCH
 from serve_app.core.security import UrlFetcher
 from serve_app.image.prompts import check_text
 from serve_app.image.service import SegmentService, get_service
@@ -45,6 +46,8 @@ class SessionCreateIn(_Strict):
         None, max_length=MAX_FRAME_LIST, description="Frames as images (base64 / data URI / URL), in order."
     )
     fps: float | None = Field(None, gt=0, le=240, description="Frame rate of `frames` (default 25).")
+    model: str | None = Field(None, max_length=64, description="The served model that tracks (`GET /v1/models`; a "
+                              "sam3_video one); omitted: the default. A raw-body upload names it as `?model=`.")
 
 
 class PromptIn(_Strict):
@@ -101,15 +104,25 @@ async def _source_bytes(service: SegmentService, value: str) -> bytes:
     return video_bytes_from_base64(value, limits)
 
 
+def session_model(service: SegmentService, name: str | None) -> str:
+    """The served model a session tracks with: 404 for an unknown name, 400 for a concept-only (lite) model."""
+    model = service.model(name).name
+    if service.arch(model) == LITE_ARCH:
+        raise BadRequest(f"model {model!r} is a sam3_lite_text model: it has no tracker, so it cannot track video; "
+                         "open the session on a sam3_video model")
+    return model
+
+
 async def _create_args(request: Request, service: SegmentService) -> tuple:
-    """The session's video, checked here (size, container, header, one frame) before any session actor starts."""
-    data, frames, fps = await _upload(request, service)
+    """The session's video, checked here (size, container, header, one frame) before any session actor starts;
+    and its model, checked first."""
+    data, frames, fps, model = await _upload(request, service)
     limits = VideoLimits.from_config(service.config)
     if data is not None:
         await asyncio.to_thread(probe_video, data, limits)
     else:
         await asyncio.to_thread(_check_frames, service, frames, limits)
-    return data, frames, fps
+    return data, frames, fps, model
 
 
 def _check_frames(service: SegmentService, frames: list[bytes], limits: VideoLimits) -> None:
@@ -129,16 +142,19 @@ def _check_frames(service: SegmentService, frames: list[bytes], limits: VideoLim
 
 async def _upload(request: Request, service: SegmentService) -> tuple:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    query_model = request.query_params.get("model")
     if kind.startswith("video/") or kind == "application/octet-stream":
-        return await request.body(), None, None
+        model = session_model(service, query_model)
+        return await request.body(), None, None, model
     try:
         body = SessionCreateIn.model_validate_json(await request.body())
     except ValidationError as exc:
         raise ValidationFailed(f"invalid request: {validation_error_message(exc.errors())}") from None
     if (body.video is None) == (body.frames is None):
         raise BadRequest("give exactly one of `video` or `frames` (or upload the video as the raw body)")
+    model = session_model(service, body.model or query_model)
     if body.video is not None:
-        return await _source_bytes(service, body.video), None, None
+        return await _source_bytes(service, body.video), None, None, model
     if not body.frames:
         raise InvalidVideo("`frames` is empty: a video needs at least one frame")
     if len(body.frames) > service.config.video_max_frames:
@@ -151,7 +167,7 @@ async def _upload(request: Request, service: SegmentService) -> tuple:
         if total > cap:  # checked as they arrive: URL frames must not pile up past the video's own limit
             raise PayloadTooLarge(f"frames are more than {cap} bytes encoded, the limit for a video "
                                   "(SAM3_VIDEO_MAX_BYTES)")
-    return None, frames, body.fps
+    return None, frames, body.fps, model
 
 
 RAW_VIDEO = ("video/*", "application/octet-stream")  # any video/* type, or octet-stream, is read as the raw video
@@ -164,7 +180,7 @@ CREATE_BODY = request_body(
 
 @router.post(
     "/v1/video/sessions", status_code=201, openapi_extra=CREATE_BODY,
-    responses=error_responses(NativeError, 400, 401, 413, 422, 429, 503),
+    responses=error_responses(NativeError, 400, 401, 404, 413, 422, 429, 503),
 )
 async def start_session(
     request: Request, service: SegmentService = Depends(get_service),

@@ -11,7 +11,8 @@ from serve_app.core.slots import Slot
 
 class VideoBackend(Protocol):
     async def create(
-        self, owner: str, data: bytes | None, frames: list[bytes] | list[np.ndarray] | None, fps: float | None
+        self, owner: str, data: bytes | None, frames: list[bytes] | list[np.ndarray] | None, fps: float | None,
+        model: str | None = None,
     ) -> dict: ...
 
     async def call(self, session_id: str, owner: str, method: str, *args: Any) -> Any: ...

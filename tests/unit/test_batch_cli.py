@@ -174,3 +174,19 @@ def test_connect_joins_the_running_ray_or_the_given_address(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     pipeline.connect("ray://elsewhere:10001")
     assert len(calls) == 2, "a process already in a Ray runs the job there"
+
+
+def test_model_picks_a_registry_name_when_models_are_listed(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAM3_MODELS", raising=False)
+    monkeypatch.delenv("SAM3_MODEL", raising=False)
+    base = ["images", str(tmp_path), "-o", str(tmp_path / "out")]
+
+    def config(*extra: str) -> Config:
+        return cli.config_from_args(cli.build_parser().parse_args([*base, *extra]))
+
+    assert config("--model", "tiny-random:3").model == "tiny-random:3"  # no registry: a source, as SAM3_MODEL
+    listed = ("--models", "a=tiny-random,b=tiny-random:1")
+    assert config(*listed).model == "tiny-random"  # the default
+    assert config(*listed, "--model", "b").model == "tiny-random:1"
+    with pytest.raises(SpecError, match="not served here"):
+        config(*listed, "--model", "tiny-random:1")  # with a registry, names only

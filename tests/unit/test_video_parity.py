@@ -12,6 +12,7 @@ from serve_app.image.codecs import rle_decode
 from serve_app.image.engine import ImageEngine
 from serve_app.image.models import load_bundle
 from serve_app.video.session import VideoSession
+from tests.reference import click_tracking_reference, hf_video_session
 from tests.videos import moving_frames
 
 H, W, T = 96, 128, 8
@@ -27,12 +28,6 @@ def frames() -> list[np.ndarray]:
     return moving_frames(T, H, W)
 
 
-def _hf_session(cls, engine: ImageEngine, frames: list[np.ndarray]):
-    video = torch.stack([engine.preprocess([f])[0] for f in frames])  # what init_video_session would store
-    return cls(video=video, video_height=H, video_width=W, inference_device=engine.device,
-               inference_state_device=engine.device, video_storage_device="cpu", dtype=engine.dtype)
-
-
 def _ours(session: VideoSession, **kwargs) -> dict[int, dict[int, np.ndarray]]:
     return {r.frame_index: {o["object_id"]: rle_decode(o["rle"]) for o in r.objects} for r in session.propagate(**kwargs)}
 
@@ -43,23 +38,10 @@ def _upsample(logits: torch.Tensor) -> np.ndarray:
 
 @torch.inference_mode()
 def test_click_tracking_matches_sam3_tracker_video_model(engine, frames):
-    from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
-
     ours = VideoSession(engine, frames, 10.0)
     ours.add_clicks(0, 7, [[30, 45], [100, 80]], [1, 0], box=[10, 20, 60, 70])
     got = _ours(ours)
-
-    model, side = engine.bundle.video_tracker, engine.bundle.image_size
-    hf = _hf_session(Sam3TrackerVideoInferenceSession, engine, frames)
-    # Sam3TrackerVideoProcessor.add_inputs_to_inference_session, by hand: pixels -> model square, box first (2, 3)
-    coords = [[10 * side / W, 20 * side / H], [60 * side / W, 70 * side / H],
-              [30 * side / W, 45 * side / H], [100 * side / W, 80 * side / H]]
-    obj_idx = hf.obj_id_to_idx(7)
-    hf.add_point_inputs(obj_idx, 0, {"point_coords": torch.tensor(coords).reshape(1, 1, -1, 2),
-                                     "point_labels": torch.tensor([2, 3, 1, 0], dtype=torch.int32).reshape(1, 1, -1)})
-    hf.obj_with_new_inputs = [7]
-    model(inference_session=hf, frame_idx=0)
-    expected = {out.frame_idx: _upsample(out.pred_masks[:, 0])[0] for out in model.propagate_in_video_iterator(hf)}
+    expected = click_tracking_reference(engine, frames, 7, [[30, 45], [100, 80]], [1, 0], [10, 20, 60, 70])
     assert sorted(got) == sorted(expected) == list(range(T))
     for frame in range(T):
         assert np.array_equal(got[frame][7], expected[frame]), f"frame {frame} differs"
@@ -85,7 +67,7 @@ def test_text_tracking_matches_sam3_video_model(engine, frames, texts):
     labels = {o["object_id"]: o["text"] for r in results for o in r.objects}
 
     model = engine.bundle.video
-    hf = _hf_session(Sam3VideoInferenceSession, engine, frames)
+    hf = hf_video_session(Sam3VideoInferenceSession, engine, frames)
     for text in texts:
         prompt_id = hf.add_prompt(text)
         ids, mask = engine.bundle.tokenizer([text])
