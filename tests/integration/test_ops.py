@@ -8,7 +8,7 @@ import requests
 def test_health_and_readiness(app_url):
     assert requests.get(f"{app_url}/healthz", timeout=30).json() == {"status": "ok"}
     ready = requests.get(f"{app_url}/readyz", timeout=30)
-    assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": "tiny-random"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": "tiny-random", "models": ["sam3"], "default_model": "sam3"}
 
 
 def test_openapi_documents_every_front_door(app_url):
