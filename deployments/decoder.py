@@ -16,14 +16,11 @@ import torch
 from ray import serve
 from ray.serve import metrics  # Serve tags: deployment, replica, application
 
-from deployments.handles import multiplexed, replica_logging
+from deployments.handles import ReplicaModels, replica_logging
 from serve_app.core.admission import check_deadline
 from serve_app.core.config import Config
-from serve_app.core.registry import Registry
-from serve_app.core.stats import ModelStats
 from serve_app.core.types import Prompt, SegmentParams, SegmentResult
 from serve_app.image.engine import ImageEngine
-from serve_app.image.models import load_bundle
 
 QUEUE_WAIT_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 
@@ -37,9 +34,6 @@ class Decoder:
     async def __init__(self, config: Config) -> None:  # Serve awaits an async constructor
         replica_logging(config)
         self.config = config
-        self.registry = Registry.from_config(config)
-        self.models = ModelStats(self.registry.names, self._model_metric)
-        self._load_model, self._held = multiplexed(self._load_decoder_model, config.models_per_replica)
         self.timeout_s = config.request_timeout_s  # the longest any request may take (a call without a deadline)
         self.threads = asyncio.Semaphore(config.decoder_threads)
         self.running = 0
@@ -54,30 +48,10 @@ class Decoder:
         self._model_ms = metrics.Histogram(
             "sam3_model_decode_ms", description="Milliseconds of a decode call, queue included, per model.",
             boundaries=QUEUE_WAIT_BUCKETS_MS, tag_keys=("model",))
-        self._model_events = metrics.Counter(
-            "sam3_model_events", description="Per model and replica: decode requests, model loads and evictions "
-            "(event = request, load, evict; encoders and decoders both count).", tag_keys=("model", "event"))
-        await self._load_model(self.registry.default)  # routable only once the default model is loaded
-        self.models.holding(self._held())
-
-    async def _load_decoder_model(self, name: str) -> ImageEngine:
-        """Serve's multiplexer calls this for a model this replica does not hold (after unloading the LRU one)."""
-        spec = self.registry.resolve(name)
-        started = time.perf_counter()
-        bundle = await asyncio.to_thread(load_bundle, self.registry.config_for(self.config, spec.name))
-        self.models.loaded(spec.name, time.perf_counter() - started)
-        return ImageEngine(bundle, prompt_batch=self.config.decoder_prompt_batch)
-
-    async def _engine(self, name: str | None) -> tuple[str, ImageEngine]:
-        name = name or serve.get_multiplexed_model_id() or self.registry.default
-        engine = await self._load_model(name)
-        self.models.holding(self._held())
-        return name, engine
-
-    def _model_metric(self, kind: str, model: str, seconds: float) -> None:
-        if kind == "request":
-            self._model_ms.observe(seconds * 1000, tags={"model": model})
-        self._model_events.inc(tags={"model": model, "event": kind})
+        self.models = ReplicaModels(
+            config, lambda name, bundle: ImageEngine(bundle, prompt_batch=config.decoder_prompt_batch),
+            on_request=lambda model, seconds: self._model_ms.observe(seconds * 1000, tags={"model": model}))
+        await self.models.get()  # the default model: routable only once it is loaded
 
     async def decode(
         self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
@@ -88,7 +62,7 @@ class Decoder:
         self.counts["requests"] += 1
         deadline = time.time() + self.timeout_s if deadline is None else deadline
         started, queued = False, time.perf_counter()
-        name, engine = await self._engine(model)
+        name, engine = await self.models.get(model)
         try:
             if not _expired(deadline):
                 async with self.threads:
@@ -99,7 +73,7 @@ class Decoder:
                         try:
                             return await self._run(engine, embedding, prompts, params, size, deadline)
                         finally:
-                            self.models.request(name, time.perf_counter() - queued)
+                            self.models.stats.request(name, time.perf_counter() - queued)
             self.counts["dropped_expired"] += 1
             check_deadline(deadline, "before the decoder got to it")
             raise AssertionError("unreachable")
@@ -134,9 +108,9 @@ class Decoder:
 
     def get_stats(self) -> dict:
         """Counts of every decode, and per model (loads nothing)."""
-        entries = sum(engine.text_cache_entries for engine in self._held().values())
+        entries = sum(engine.text_cache_entries for engine in self.models.held().values())
         return {**self.counts, "running": self.running, "text_cache_entries": entries,
-                "models": self.models.snapshot()}
+                "models": self.models.stats.snapshot()}
 
     def ready(self) -> bool:
         return True

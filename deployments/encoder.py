@@ -10,15 +10,13 @@ import torch
 from ray import serve
 from ray.serve import metrics  # Serve tags: deployment, replica, application
 
-from deployments.handles import multiplexed, replica_logging
+from deployments.handles import ReplicaModels, replica_logging
 from serve_app.core.admission import check_deadline
 from serve_app.core.config import Config
-from serve_app.core.registry import Registry
-from serve_app.core.stats import BatchStats, ModelStats
+from serve_app.core.stats import BatchStats
 from serve_app.image.batching import Batcher
 from serve_app.image.engine import ImageEngine
 from serve_app.image.imageio import ImageLoader
-from serve_app.image.models import load_bundle
 from serve_app.image.service import EncoderInput
 
 QUEUE_WAIT_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
@@ -27,8 +25,8 @@ QUEUE_WAIT_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1
 class _EncoderModel:
     """One loaded model of this replica: its engine and its own batcher (a batch never mixes models)."""
 
-    def __init__(self, name: str, engine: ImageEngine, batcher: Batcher) -> None:
-        self.name, self.engine, self.batcher = name, engine, batcher
+    def __init__(self, engine: ImageEngine, batcher: Batcher) -> None:
+        self.engine, self.batcher = engine, batcher
 
 
 @serve.deployment(name="ImageEncoder")
@@ -40,8 +38,6 @@ class ImageEncoder:
     async def __init__(self, config: Config) -> None:  # Serve awaits an async constructor
         replica_logging(config)
         self.config = config
-        self.registry = Registry.from_config(config)
-        self.models = ModelStats(self.registry.names, self._model_metric)
         self.loader = ImageLoader.from_config(config, None)  # decodes only: the ingress fetched the bytes
         self.stats = BatchStats()
         self._batch_hist = metrics.Histogram(
@@ -51,41 +47,23 @@ class ImageEncoder:
         self._queue_wait = metrics.Histogram(
             "sam3_encoder_queue_wait_ms", description="Milliseconds an image waited in the encoder's batcher before "
             "its batch started.", boundaries=QUEUE_WAIT_BUCKETS_MS)
-        self._model_events = metrics.Counter(
-            "sam3_model_events", description="Per model and replica: decode requests, model loads and evictions "
-            "(event = request, load, evict; encoders and decoders both count).", tag_keys=("model", "event"))
-        self._load_model, self._held = multiplexed(self._load_encoder_model, config.models_per_replica)
-        await self._load_model(self.registry.default)  # routable only once the default model is loaded
-        self.models.holding(self._held())
+        self.models = ReplicaModels(config, self._build)
+        await self.models.get()  # the default model: routable only once it is loaded
 
-    async def _load_encoder_model(self, name: str) -> _EncoderModel:
-        """Serve's multiplexer calls this for a model this replica does not hold (after unloading the LRU one)."""
-        spec = self.registry.resolve(name)
-        started = time.perf_counter()
-        bundle = await asyncio.to_thread(load_bundle, self.registry.config_for(self.config, spec.name))
+    def _build(self, name: str, bundle) -> _EncoderModel:
+        """What the multiplexer holds per model (it calls this for a model this replica does not hold)."""
         engine = ImageEngine(bundle)
 
         def run(items: list[tuple[float, np.ndarray]]) -> list[torch.Tensor]:
             return self._encode_batch(engine, items)
 
-        batcher = Batcher(run, self.config.encoder_max_batch_size, self.config.encoder_batch_wait_timeout_s,
-                          self._record)
-        self.models.loaded(spec.name, time.perf_counter() - started)
-        return _EncoderModel(spec.name, engine, batcher)
-
-    def _model_metric(self, kind: str, model: str, seconds: float) -> None:
-        self._model_events.inc(tags={"model": model, "event": kind})
-
-    async def _model(self, name: str | None) -> _EncoderModel:
-        name = name or serve.get_multiplexed_model_id() or self.registry.default
-        held = await self._load_model(name)
-        self.models.holding(self._held())
-        return held
+        return _EncoderModel(engine, Batcher(run, self.config.encoder_max_batch_size,
+                                             self.config.encoder_batch_wait_timeout_s, self._record))
 
     async def encode(self, image: EncoderInput | np.ndarray, model: str | None = None) -> torch.Tensor:
         """One image's embedding by `model` (else the caller's multiplexed model id, else the default); encoded
         bytes are decoded here, in a thread, off the single ingress."""
-        held = await self._model(model or getattr(image, "model", None))
+        name, held = await self.models.get(model or getattr(image, "model", None))
         started = time.perf_counter()
         try:
             if isinstance(image, np.ndarray):
@@ -96,7 +74,7 @@ class ImageEncoder:
             pixels = image.pixels if image.pixels is not None else await asyncio.to_thread(image.decoded, self.loader)
             return await held.batcher.submit((time.perf_counter(), pixels), image.in_flight, image.deadline)
         finally:
-            self.models.request(held.name, time.perf_counter() - started)
+            self.models.stats.request(name, time.perf_counter() - started)
 
     def _encode_batch(self, engine: ImageEngine, items: list[tuple[float, np.ndarray]]) -> list[torch.Tensor]:
         """The batcher's run: items are (queued at, pixels); each one's wait goes to sam3_encoder_queue_wait_ms."""
@@ -112,14 +90,14 @@ class ImageEncoder:
 
     def get_stats(self) -> dict:
         """Batches of every model this replica holds (loads nothing), and the per-model counts."""
-        batchers = [held.batcher.stats() for held in self._held().values()]
+        batchers = [held.batcher.stats() for held in self.models.held().values()]
         merged = {key: sum(b[key] for b in batchers) for key in ("queued", "dropped_cancelled", "dropped_expired")}
         for key in ("mean_queue_wait_ms", "mean_batch_run_ms"):
             merged[key] = max((b[key] for b in batchers), default=0.0)
-        return {**self.stats.snapshot(), **merged, "models": self.models.snapshot()}
+        return {**self.stats.snapshot(), **merged, "models": self.models.stats.snapshot()}
 
     async def info(self, model: str | None = None) -> dict:
-        bundle = (await self._model(model)).engine.bundle
+        bundle = (await self.models.get(model))[1].engine.bundle
         tokens = (bundle.image_size // bundle.patch_size) ** 2
         hidden = bundle.detector.config.vision_config.backbone_config.hidden_size
         return {"embedding_bytes": tokens * hidden * bundle.dtype.itemsize, "image_size": bundle.image_size}

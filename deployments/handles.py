@@ -6,8 +6,10 @@ import asyncio
 import logging
 import time
 
+from ray import serve
 from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
+from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app.core.admission import Overloaded, current_deadline, remaining_s
@@ -15,8 +17,11 @@ from serve_app.core.config import Config
 from serve_app.core.errors import GatewayTimeout, Gone, Sam3Error, ServiceUnavailable
 from serve_app.core.logs import forward_to_serve_log
 from serve_app.core.media import MediaItem, MediaStore
+from serve_app.core.registry import Registry
 from serve_app.core.state import KV, open_kv
+from serve_app.core.stats import ModelStats
 from serve_app.core.types import Prompt, SegmentParams, SegmentResult
+from serve_app.image.models import load_bundle
 from serve_app.image.service import EmbeddingLost
 
 logger = logging.getLogger(__name__)
@@ -24,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 def shared_kv(config: Config) -> KV:
     """The shared state store, under this Serve application's name: apps on one store never see each other."""
-    from ray import serve
-
     try:
         namespace = serve.get_replica_context().app_name or "default"
     except Exception:  # noqa: BLE001 - outside a replica (a driver script): one namespace for it
@@ -46,25 +49,55 @@ def shared_media(config: Config) -> MediaStore:
     return MediaStore(config.media_max_bytes, config.media_ttl_s, kv=shared_kv(config))
 
 
-def multiplexed(load, max_models: int):
-    """Serve's `@serve.multiplexed` over `load(model_id)` with a bound known only at run time (SAM3_MODELS_PER_REPLICA):
-    returns (get(model_id), held()) where `get` loads on first use (the least recently used model out past the
-    bound) and `held()` is {model id: loaded object} of what the replica holds now.
+class ReplicaModels:
+    """The models one encoder or decoder replica holds: Serve's `serve.multiplexed` over `build(name, bundle)`,
+    with a bound known only at run time (SAM3_MODELS_PER_REPLICA), the per-model counts (`stats`) and the Ray
+    metric `sam3_model_events`.
 
-    The decorator goes on a plain function: Serve keeps its multiplexer on the decorated object (a bound method
-    cannot carry one) and pushes the held ids to the controller, which routes requests by `multiplexed_model_id`."""
-    from ray import serve
+    The multiplexer goes on a plain function: Serve keeps it on the decorated object (a bound method cannot carry
+    one) and pushes the held ids to the controller, which routes requests by `multiplexed_model_id`. Past the bound
+    it unloads the least recently used model."""
 
-    async def _load_sam3_model(model_id: str):
-        return await load(model_id)
+    def __init__(self, config: Config, build, on_request=None) -> None:
+        self.config, self.build = config, build
+        self.registry = Registry.from_config(config)
+        self._events = metrics.Counter(
+            "sam3_model_events", description="Per model and replica: requests, model loads and evictions "
+            "(event = request, load, evict; encoders and decoders both count).", tag_keys=("model", "event"))
+        self._on_request = on_request or (lambda model, seconds: None)
+        self.stats = ModelStats(self.registry.names, self._event)
 
-    get = serve.multiplexed(max_num_models_per_replica=max_models)(_load_sam3_model)
+        async def _load_sam3_model(model_id: str):
+            return await self._load(model_id)
 
-    def held() -> dict:
-        wrapper = getattr(_load_sam3_model, "__serve_multiplex_wrapper", None)
+        self._function = _load_sam3_model
+        self._get = serve.multiplexed(max_num_models_per_replica=config.models_per_replica)(_load_sam3_model)
+
+    def _event(self, kind: str, model: str, seconds: float) -> None:
+        if kind == "request":
+            self._on_request(model, seconds)
+        self._events.inc(tags={"model": model, "event": kind})
+
+    async def _load(self, name: str):
+        spec = self.registry.resolve(name)
+        started = time.perf_counter()
+        bundle = await asyncio.to_thread(load_bundle, self.registry.config_for(self.config, spec.name))
+        loaded = self.build(spec.name, bundle)
+        self.stats.loaded(spec.name, time.perf_counter() - started)
+        return loaded
+
+    async def get(self, name: str | None = None) -> tuple[str, object]:
+        """(name, what `build` made) of `name`, else the caller's multiplexed model id, else the default; loaded
+        on first use."""
+        name = name or serve.get_multiplexed_model_id() or self.registry.default
+        loaded = await self._get(name)
+        self.stats.holding(self.held())
+        return name, loaded
+
+    def held(self) -> dict:
+        """{model name: what `build` made} of the models this replica holds now (loads nothing)."""
+        wrapper = getattr(self._function, "__serve_multiplex_wrapper", None)
         return dict(wrapper.models) if wrapper is not None else {}
-
-    return get, held
 
 
 def unwrap(exc: BaseException) -> BaseException:

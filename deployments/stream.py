@@ -18,8 +18,8 @@ from ray.serve import metrics  # Serve tags: deployment, replica, application
 
 from deployments.handles import replica_logging, unwrap
 from serve_app.core.config import Config
-from serve_app.core.registry import Registry
 from serve_app.core.errors import Sam3Error
+from serve_app.core.registry import Registry
 from serve_app.core.stats import rss_bytes
 from serve_app.image.engine import ImageEngine
 from serve_app.image.models import built_in_code, load_bundle, load_video_model

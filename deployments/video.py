@@ -17,8 +17,8 @@ from ray.serve import metrics  # Serve tags: deployment, replica, application
 
 from deployments.handles import replica_logging, shared_kv, unwrap
 from serve_app.core.config import Config
-from serve_app.core.registry import Registry
 from serve_app.core.errors import Gone, Sam3Error, TooManyRequests
+from serve_app.core.registry import Registry
 from serve_app.core.stats import rss_bytes
 from serve_app.image.models import built_in_code, load_video_model
 from serve_app.video.actor import SessionState

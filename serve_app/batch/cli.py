@@ -119,8 +119,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = {k: getattr(args, k) for k in ("models", "device", "dtype") if getattr(args, k) is not None}
     try:
         config = Config.from_env(**overrides)
-        if config.models.strip():
-            registry = Registry.from_config(config)
+        registry = Registry.from_config(config)
+        if registry.listed:
             try:
                 return registry.config_for(config, registry.resolve(args.model).name)
             except UnknownModel as exc:

@@ -19,9 +19,9 @@ from serve_app.core.errors import BadRequest, NotFound
 
 SHORTHAND_NAME = "sam3"  # the name of SAM3_MODEL when SAM3_MODELS is empty
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-TINY_SEED_RE = re.compile(r"^tiny-random:(\d{1,9})$")
-LITE_SOURCE = "tiny-random-lite"
 VIDEO_ARCH, LITE_ARCH = "sam3_video", "sam3_lite_text"
+LITE_ONLY = ("model {model!r} is a sam3_lite_text model: it segments concepts (text and exemplar boxes) only; "
+             "clicks, boxes as visual prompts, automatic masks and video need a sam3_video model")
 
 
 class UnknownModel(NotFound):
@@ -36,11 +36,6 @@ class RegistryError(ValueError):
 class ModelSpec:
     name: str
     source: str
-
-    @property
-    def built_in(self) -> bool:
-        """Built from code (no files): cheap to ship to another process, nothing to probe."""
-        return self.source in ("tiny-random", "full-random", LITE_SOURCE) or bool(TINY_SEED_RE.match(self.source))
 
 
 def parse_models(value: str) -> list[ModelSpec]:
@@ -66,7 +61,8 @@ def parse_models(value: str) -> list[ModelSpec]:
 class Registry:
     """Name -> ModelSpec, with the default; `resolve` maps a request's field (None = the default) to a spec."""
 
-    def __init__(self, specs: list[ModelSpec], default: str | None = None) -> None:
+    def __init__(self, specs: list[ModelSpec], default: str | None = None, listed: bool = True) -> None:
+        self.listed = listed  # False: SAM3_MODEL alone (the shorthand), not a SAM3_MODELS list
         if not specs:
             raise RegistryError("no model to serve: set SAM3_MODEL or SAM3_MODELS")
         self.specs = {s.name: s for s in specs}
@@ -77,8 +73,9 @@ class Registry:
 
     @classmethod
     def from_config(cls, config: Config) -> Registry:
-        specs = parse_models(config.models) if config.models.strip() else [ModelSpec(SHORTHAND_NAME, config.model)]
-        return cls(specs, config.default_model or None)
+        if config.models.strip():
+            return cls(parse_models(config.models), config.default_model or None)
+        return cls([ModelSpec(SHORTHAND_NAME, config.model)], config.default_model or None, listed=False)
 
     @property
     def names(self) -> list[str]:

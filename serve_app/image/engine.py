@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.core.errors import BadRequest
+from serve_app.core.registry import LITE_ONLY
 from serve_app.core.types import (
     AutoPrompt,
     ConceptPrompt,
@@ -31,15 +32,6 @@ PIXEL_STD = 0.5
 AUTO_POINT_BATCH = 64  # grid points per tracker forward in automatic mask generation
 AUTO_POOL_FACTOR = 2  # low-res automatic-mask candidates kept while the grid runs: this many times the mask cap
 STABILITY_OFFSET = 1.0  # as SAM's automatic mask generator: IoU of masks cut at logit -1 and +1
-
-
-class ConceptOnly(BadRequest):
-    code = "unsupported_prompt"
-
-
-def concept_only_message(model: str) -> str:
-    return (f"model {model!r} is a sam3_lite_text model: it segments concepts (text and exemplar boxes) only; "
-            "clicks, boxes as visual prompts, automatic masks and video need a sam3_video model")
 
 
 class ImageEngine:
@@ -155,7 +147,7 @@ class ImageEngine:
                 results[index] = result
         visual = [(i, p) for i, p in enumerate(prompts) if isinstance(p, (VisualPrompt, AutoPrompt))]
         if visual and self.bundle.tracker is None:
-            raise ConceptOnly(concept_only_message(self.bundle.name))
+            raise BadRequest(LITE_ONLY.format(model=self.bundle.name))
         if visual:
             features = self.tracker_embeddings(embedding)
             for i, prompt in visual:

@@ -13,8 +13,8 @@ import numpy as np
 from serve_app.core.admission import current_deadline
 from serve_app.core.auth import Authenticator
 from serve_app.core.config import Config
-from serve_app.core.errors import Gone, InvalidImage, NotFound
-from serve_app.core.registry import LITE_ARCH, ModelSpec, Registry
+from serve_app.core.errors import BadRequest, Gone, InvalidImage, NotFound
+from serve_app.core.registry import LITE_ARCH, LITE_ONLY, ModelSpec, Registry
 from serve_app.core.security import UrlFetcher
 from serve_app.core.slots import Slot
 from serve_app.core.types import ImageInput, Prompt, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult
@@ -22,10 +22,6 @@ from serve_app.image.caches import Caches, LocalCaches
 from serve_app.image.imageio import ImageLoader, image_digest
 from serve_app.image.models import checkpoint_arch
 from serve_app.image.prompts import check_text, validate_prompts
-
-
-LITE_ONLY = ("model {model!r} is a sam3_lite_text model: it segments concepts (text and exemplar boxes) only; "
-             "clicks, boxes as visual prompts, automatic masks and video need a sam3_video model")
 
 
 class EmbeddingLost(Exception):
@@ -108,8 +104,6 @@ class SegmentService:
     def check_prompts_for(self, model: str, prompts: list) -> None:
         """A sam3_lite_text model serves concept prompts only: anything else is a 400 before the encoder runs."""
         if self.arch(model) == LITE_ARCH and any(getattr(p, "kind", "concept") != "concept" for p in prompts):
-            from serve_app.core.errors import BadRequest
-
             raise BadRequest(LITE_ONLY.format(model=model))
 
     @staticmethod

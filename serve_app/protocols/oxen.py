@@ -147,7 +147,7 @@ def served_model(service: SegmentService, model_id: str) -> str:
     else is a 404 in Oxen's shape."""
     if model_id == MODEL_ID:
         return service.registry.default
-    if service.config.models.strip() and model_id in service.registry.specs:
+    if service.registry.listed and model_id in service.registry.specs:
         return model_id
     served = ", ".join([MODEL_ID, *registry_ids(service)])
     raise NotFound(f"Model not found: {model_id[:80]} (this server serves {served})")
@@ -155,7 +155,7 @@ def served_model(service: SegmentService, model_id: str) -> str:
 
 def registry_ids(service: SegmentService) -> list[str]:
     """The SAM3_MODELS names, each an Oxen model id of its own (none with SAM3_MODEL alone)."""
-    return list(service.registry.specs) if service.config.models.strip() else []
+    return list(service.registry.specs) if service.registry.listed else []
 
 
 def registry_object(service: SegmentService, name: str) -> ModelObject:

@@ -15,7 +15,7 @@ from serve_app.core.registry import (
     UnknownModel,
     parse_models,
 )
-from serve_app.image.models import checkpoint_arch
+from serve_app.image.models import built_in_code, checkpoint_arch
 
 
 def test_the_shorthand_serves_sam3_model_alone_under_one_name():
@@ -57,6 +57,6 @@ def test_an_unknown_model_is_a_404_that_lists_the_served_ones(name):
 
 
 def test_built_in_sources_and_their_architectures():
-    assert ModelSpec("a", "tiny-random:7").built_in and ModelSpec("b", "tiny-random-lite").built_in
-    assert not ModelSpec("c", "/models/sam3-ft").built_in
+    assert built_in_code("tiny-random:7") and built_in_code("tiny-random-lite")
+    assert not built_in_code("/models/sam3-ft")
     assert checkpoint_arch("tiny-random:3") == VIDEO_ARCH and checkpoint_arch("tiny-random-lite") == LITE_ARCH
