@@ -224,3 +224,23 @@ def test_a_video_session_on_alt_tracks_with_alts_weights(models_url):
     assert any(not np.array_equal(expected_alt[f], expected_base[f]) for f in range(8)), "alt tracks like base"
     default = served(None)
     assert all(np.array_equal(default[f], expected_base[f]) for f in range(8))
+
+
+@pytest.mark.parametrize("value", ["x" * 10_000, 7, None, ["base"], {"a": 1}, "", " base", "ba\x00se", "../../etc"])
+def test_hostile_model_fields_are_4xx_never_5xx(models_url, value):
+    image = png_b64(random_image(1))
+    answers = [
+        segment(models_url, {"image": image, "model": value, "prompts": [{"type": "concept", "text": "x"}]}),
+        requests.post(f"{models_url}/sam3/concept_segment", timeout=60, json={
+            "image": {"type": "base64", "value": image}, "prompts": [{"type": "text", "text": "x"}], "model_id": value}),
+        requests.post(f"{models_url}/api/ai/images/edit", timeout=60, json={
+            "model": value, "prompt": "x", "input_image": f"data:image/png;base64,{image}"}),
+        requests.post(f"{models_url}/v1/video/sessions", timeout=60, json={"frames": [image], "model": value}),
+    ]
+    if isinstance(value, str):
+        answers.append(requests.post(f"{models_url}/v1/video/sessions", params={"model": value}, data=b"\x00" * 64,
+                                     headers={"Content-Type": "video/mp4"}, timeout=60))
+    for response in answers:
+        assert response.status_code < 500, (response.request.url, response.status_code, response.text[:300])
+        if response.status_code >= 400:
+            assert response.headers["content-type"].startswith("application/json"), response.text[:200]
