@@ -64,7 +64,8 @@ def build_app(config: Config) -> Application:
     decoder = Decoder.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.decoder_num_gpus,
                            "resources": dict(config.model_resources)},
-        max_ongoing_requests=8, max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE, **stopping,
+        max_ongoing_requests=max(16, config.decoder_threads * config.decoder_batches()[0]),
+        max_queued_requests=MODEL_QUEUE, backpressure_config=BACKPRESSURE, **stopping,
         **_logs(config, Decoder), **_scaling(config, config.decoder_replicas),
     ).bind(config)
     cache = ImageCache.options(ray_actor_options=service, **stopping, **_logs(config, ImageCache)).bind(encoder, config)

@@ -1,9 +1,11 @@
-"""Decoder deployment: necks, text encoder (cached), DETR / mask decoders and post-processing.
+"""Decoder deployment: necks, text encoder (cached), DETR / mask decoders and post-processing, batched across requests.
 
-Decodes run on a bounded pool of worker threads (SAM3_DECODER_THREADS); the calls past it wait on this replica's
-loop, where a call whose deadline passes, or whose caller cancels it (a client that left), is dropped before it
-reaches the model. A running decode checks its deadline and a stop flag between chunks (prompts, point batches):
-a cancelled one stops at its next chunk.
+Requests that arrive while the decoder is busy wait in a `Batcher` (per model) and form the next batch: one neck pass
+per image, DETR over their stacked (image, prompt) pairs, the mask decoder over their stacked visual prompts
+(`serve_app/image/decoding.py`). A request alone never waits. SAM3_DECODER_THREADS batches run at once, each in a
+worker thread. A queued request whose deadline passes, or whose caller cancels it (a client that left), is dropped
+before it reaches the model; a running one checks its deadline and a stop flag between chunks (prompt groups, mask
+chunks, point batches) and stops at the next one, while the rest of its batch goes on.
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from ray.serve import metrics  # Serve tags: deployment, replica, application
 from deployments.handles import ReplicaModels, replica_logging
 from serve_app.core.admission import check_deadline
 from serve_app.core.config import Config
+from serve_app.core.stats import BatchStats
 from serve_app.core.types import Prompt, SegmentParams, SegmentResult
+from serve_app.image.batching import Batcher
+from serve_app.image.decoding import DecodeJob, ForwardStats, decode_jobs
 from serve_app.image.engine import ImageEngine
 
 QUEUE_WAIT_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 
 
-def _expired(deadline: float) -> bool:
-    return time.time() >= deadline
+class _DecoderModel:
+    """One loaded model of this replica: its engine and its own batcher (a batch never mixes models)."""
+
+    def __init__(self, engine: ImageEngine, batcher: Batcher) -> None:
+        self.engine, self.batcher = engine, batcher
 
 
 @serve.deployment(name="Decoder")
@@ -35,81 +43,98 @@ class Decoder:
         replica_logging(config)
         self.config = config
         self.timeout_s = config.request_timeout_s  # the longest any request may take (a call without a deadline)
-        self.threads = asyncio.Semaphore(config.decoder_threads)
-        self.running = 0
+        self.max_batch, self.pair_batch, self.visual_batch = config.decoder_batches()
+        self.running, self._running_lock = 0, threading.Lock()
         self.counts = {"requests": 0, "decoded": 0, "failed": 0, "dropped_expired": 0, "dropped_cancelled": 0,
                        "stopped_expired": 0, "stopped_cancelled": 0}
-        self._prompts = metrics.Histogram(
-            "sam3_decoder_batch_size", description="Prompts per decode call (one request's prompt set, decoded "
-            "SAM3_DECODER_PROMPT_BATCH at a time).", boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.batches, self.forwards = BatchStats(), ForwardStats()
+        self._batch_hist = metrics.Histogram(
+            "sam3_decoder_batch_size", description="Requests per decoder batch (SAM3_DECODER_MAX_BATCH_SIZE at most).",
+            boundaries=[1, 2, 4, 8, 16, 32, 64])
         self._queue_wait = metrics.Histogram(
-            "sam3_decoder_queue_wait_ms", description="Milliseconds a decode call waited for one of the replica's "
-            "SAM3_DECODER_THREADS before it started.", boundaries=QUEUE_WAIT_BUCKETS_MS)
+            "sam3_decoder_queue_wait_ms", description="Milliseconds a request waited in the decoder's batcher before "
+            "its batch started.", boundaries=QUEUE_WAIT_BUCKETS_MS)
         self._model_ms = metrics.Histogram(
             "sam3_model_decode_ms", description="Milliseconds of a decode call, queue included, per model.",
             boundaries=QUEUE_WAIT_BUCKETS_MS, tag_keys=("model",))
         self.models = ReplicaModels(
-            config, lambda name, bundle: ImageEngine(bundle, prompt_batch=config.decoder_prompt_batch),
+            config, self._build,
             on_request=lambda model, seconds: self._model_ms.observe(seconds * 1000, tags={"model": model}))
         await self.models.get()  # the default model: routable only once it is loaded
 
+    def _build(self, name: str, bundle) -> _DecoderModel:
+        """What the multiplexer holds per model (it calls this for a model this replica does not hold)."""
+        engine = ImageEngine(bundle, prompt_batch=self.pair_batch, visual_batch=self.visual_batch)
+
+        def run(jobs: list[DecodeJob]) -> list:
+            return self._decode_batch(engine, jobs)
+
+        batcher = Batcher(run, self.max_batch, self.config.decoder_batch_wait_timeout_s, self._record,
+                          concurrency=self.config.decoder_threads, name="decoder")
+        return _DecoderModel(engine, batcher)
+
     async def decode(
         self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
-        deadline: float | None = None, model: str | None = None,
+        deadline: float | None = None, model: str | None = None, expected: int = 1,
     ) -> SegmentResult:
         """`deadline`: wall-clock seconds (time.time()) past which nobody waits for the answer. `model`: a registry
-        name (else the caller's multiplexed model id, else the default)."""
+        name (else the caller's multiplexed model id, else the default). `expected`: requests the caller has in
+        flight, this one included (a batch waits for that many, at most SAM3_DECODER_BATCH_WAIT_TIMEOUT_S)."""
         self.counts["requests"] += 1
         deadline = time.time() + self.timeout_s if deadline is None else deadline
-        started, queued = False, time.perf_counter()
-        name, engine = await self.models.get(model)
-        try:
-            if not _expired(deadline):
-                async with self.threads:
-                    if not _expired(deadline):
-                        started = True
-                        self._queue_wait.observe((time.perf_counter() - queued) * 1000)
-                        self._prompts.observe(len(prompts))
-                        try:
-                            return await self._run(engine, embedding, prompts, params, size, deadline)
-                        finally:
-                            self.models.stats.request(name, time.perf_counter() - queued)
+        name, held = await self.models.get(model)
+        if time.time() >= deadline:
             self.counts["dropped_expired"] += 1
             check_deadline(deadline, "before the decoder got to it")
-            raise AssertionError("unreachable")
-        except asyncio.CancelledError:
-            if not started:
-                self.counts["dropped_cancelled"] += 1
-            raise
-
-    async def _run(self, engine: ImageEngine, embedding, prompts, params, size, deadline: float) -> SegmentResult:
-        stop = threading.Event()
-        monotonic_deadline = time.monotonic() + (deadline - time.time())
-        self.running += 1
-        work = asyncio.ensure_future(asyncio.to_thread(
-            engine.decode, embedding, prompts, params, size, monotonic_deadline, stop))
+        job = DecodeJob(embedding, prompts, params, size, time.monotonic() + (deadline - time.time()),
+                        threading.Event())
+        queued = time.perf_counter()
         try:
-            result = await asyncio.shield(work)
+            result = await held.batcher.submit(job, expected, deadline)
         except asyncio.CancelledError:
-            stop.set()  # the thread stops at its next chunk; the pool's slot is held until it has
-            self.counts["stopped_cancelled"] += 1
-            try:
-                await work
-            except BaseException:  # noqa: BLE001 - Stopped, or whatever it ended with: nobody waits for it
-                pass
+            job.stop.set()  # a running job stops at its next chunk; a queued one is dropped unrun
+            self.counts["stopped_cancelled" if job.started else "dropped_cancelled"] += 1
             raise
         except Exception as exc:
-            self.counts["stopped_expired" if getattr(exc, "status_code", None) == 504 else "failed"] += 1
+            if getattr(exc, "status_code", None) == 504:
+                self.counts["stopped_expired" if job.started else "dropped_expired"] += 1
+            else:
+                self.counts["failed"] += 1
             raise
         finally:
-            self.running -= 1
+            self.models.stats.request(name, time.perf_counter() - queued)
         self.counts["decoded"] += 1
         return result
 
+    def _decode_batch(self, engine: ImageEngine, jobs: list[DecodeJob]) -> list:
+        """The batcher's run (a worker thread): each job's wait goes to sam3_decoder_queue_wait_ms."""
+        now = time.perf_counter()
+        for job in jobs:
+            self._queue_wait.observe((now - job.queued) * 1000)
+        with self._running_lock:
+            self.running += len(jobs)
+        try:
+            return decode_jobs(engine, jobs, self.pair_batch, self.visual_batch, self.forwards)
+        finally:
+            with self._running_lock:
+                self.running -= len(jobs)
+
+    def _record(self, size: int) -> None:
+        self.batches.record(size)
+        self._batch_hist.observe(size)
+
     def get_stats(self) -> dict:
-        """Counts of every decode, and per model (loads nothing)."""
-        entries = sum(engine.text_cache_entries for engine in self.models.held().values())
-        return {**self.counts, "running": self.running, "text_cache_entries": entries,
+        """Counts of every decode, the batches and forwards they made, and per model (loads nothing)."""
+        held = self.models.held().values()
+        batchers = [model.batcher.stats() for model in held]
+        return {**self.counts, "running": self.running, "queued": sum(b["queued"] for b in batchers),
+                "text_cache_entries": sum(model.engine.text_cache_entries for model in held),
+                **self.batches.snapshot(),
+                "mean_queue_wait_ms": max((b["mean_queue_wait_ms"] for b in batchers), default=0.0),
+                "mean_batch_run_ms": max((b["mean_batch_run_ms"] for b in batchers), default=0.0),
+                "forwards": self.forwards.snapshot(),
+                "batching": {"max_batch_size": self.max_batch, "prompt_batch": self.pair_batch,
+                             "visual_batch": self.visual_batch, "exact": self.config.decoder_exact},
                 "models": self.models.stats.snapshot()}
 
     def ready(self) -> bool:

@@ -261,13 +261,14 @@ class RayGraph:
 
     async def decode(
         self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
-        model: str | None = None,
+        model: str | None = None, expected: int = 1,
     ) -> SegmentResult:
+        """`expected`: requests the caller has in flight (the decoder's batch waits for that many, briefly)."""
         deadline = current_deadline()
         decoder = self._routed(self.decoder, model)
 
         def once():
-            return decoder.decode.remote(embedding, prompts, params, size, deadline, model)
+            return decoder.decode.remote(embedding, prompts, params, size, deadline, model, expected)
 
         return await self.failover.call(once, self.timeout_s)
 

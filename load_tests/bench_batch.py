@@ -59,7 +59,8 @@ def in_process(folder: Path, config: Config, texts: list[str], threads: int) -> 
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    engine = ImageEngine(load_bundle(config), prompt_batch=config.decoder_prompt_batch)
+    engine = ImageEngine(load_bundle(config), prompt_batch=config.decoder_batches()[1],
+                         visual_batch=config.decoder_batches()[2])
     load_s = time.perf_counter() - started
     reader, prompts, params = ImageReader(config), [ConceptPrompt(t) for t in texts], SegmentParams()
     paths = sorted(folder.iterdir())

@@ -2,7 +2,8 @@
 
     python load_tests/bench_image.py [--model tiny-random] [--requests N] [--concurrency 1,16]
         [--image-size 480x640,1080x1920] [--format jpeg|png] [--prompts text|visual|mixed] [--device auto]
-        [--max-batch 16] [--batch-wait-ms MS] [--json out.json]
+        [--max-batch 16] [--batch-wait-ms MS] [--decoder-batch N] [--decoder-threads N] [--decoder-exact]
+        [--admission N] [--json out.json]
 
 Per image size: the in-process loop at this process' torch thread count and at the Ray workers' (equal threads),
 then the HTTP graph at each concurrency. Prints throughput, p50/p99, both ratios, the encoder's batch histogram
@@ -58,6 +59,7 @@ class Phase:
     latencies_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     batches: dict | None = None
+    decoder_batches: dict | None = None
     cpu_s: dict[str, float] = field(default_factory=dict)
     timings: dict[str, list[float]] = field(default_factory=dict)
 
@@ -75,7 +77,7 @@ class Phase:
             "p50_ms": round(float(np.percentile(lat, 50)), 2) if ok else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 2) if ok else None,
             **{f"vs_{k}": round(self.rps / v, 3) if v else None for k, v in baselines.items()},
-            "encoder_batches": self.batches,
+            "encoder_batches": self.batches, "decoder_batches": self.decoder_batches,
             "cpu_ms_per_request": {k: round(v * 1000 / ok, 2) for k, v in self.cpu_s.items()} if ok else {},
             "timings_ms_mean": {k: round(float(np.mean(v)), 2) for k, v in self.timings.items()},
         }
@@ -202,7 +204,10 @@ def start_serve(args: argparse.Namespace, device: str) -> str:
     gpu = args.gpu_fraction if device.startswith("cuda") else 0.0
     config = Config(
         model=args.model, device=args.device, num_cpus=0, encoder_num_gpus=gpu, decoder_num_gpus=gpu,
-        encoder_max_batch_size=args.max_batch,
+        encoder_max_batch_size=args.max_batch, decoder_exact=args.decoder_exact,
+        **({} if args.decoder_batch is None else {"decoder_max_batch_size": args.decoder_batch}),
+        **({} if args.decoder_threads is None else {"decoder_threads": args.decoder_threads}),
+        **({} if args.admission is None else {"admission_running_per_replica": args.admission}),
         **({} if args.batch_wait_ms is None else {"encoder_batch_wait_timeout_s": args.batch_wait_ms / 1000}),
     )
     port = free_port()
@@ -211,16 +216,17 @@ def start_serve(args: argparse.Namespace, device: str) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def encoder_stats(client, url: str) -> dict | None:
+def graph_stats(client, url: str) -> dict:
+    """The encoder's and the decoder's /v1/stats ({} when it does not answer)."""
     try:
         response = client.get(f"{url}/v1/stats", timeout=30)
-        return response.json()["encoder"] if response.status_code == 200 else None
+        return {k: response.json()[k] for k in ("encoder", "decoder")} if response.status_code == 200 else {}
     except Exception:  # noqa: BLE001
-        return None
+        return {}
 
 
 def batch_delta(before: dict | None, after: dict | None) -> dict | None:
-    """Encoder batches run between two /v1/stats snapshots: count, images, mean size, histogram."""
+    """Batches one model deployment ran between two /v1/stats snapshots: count, images, mean size, histogram."""
     if after is None:
         return None
     old = (before or {}).get("batch_size_histogram", {})
@@ -286,9 +292,11 @@ def run_http(args: argparse.Namespace, url: str, size: tuple[int, int], seed_bas
             spies = start_py_spy(pids, args.py_spy, f"{label}-c{phase.concurrency}") if args.py_spy else []
             if spies:
                 time.sleep(2.0)  # py-spy attaches
-            before, cpu_before = encoder_stats(stats_client, url), cpu_snapshot(pids)
+            before, cpu_before = graph_stats(stats_client, url), cpu_snapshot(pids)
             phase.wall_s = fire(url, bodies, phase.concurrency, phase)
-            cpu_after, phase.batches = cpu_snapshot(pids), batch_delta(before, encoder_stats(stats_client, url))
+            cpu_after, after = cpu_snapshot(pids), graph_stats(stats_client, url)
+            phase.batches = batch_delta(before.get("encoder"), after.get("encoder"))
+            phase.decoder_batches = batch_delta(before.get("decoder"), after.get("decoder"))
             stop_py_spy(spies)
             phase.cpu_s = {role: cpu_after[role] - cpu_before[role] for role in cpu_after if role in cpu_before}
             print(f"  http {label} c={phase.concurrency}: {phase.rps:.1f} req/s, {len(phase.errors)} errors", flush=True)
@@ -301,16 +309,17 @@ def run_http(args: argparse.Namespace, url: str, size: tuple[int, int], seed_bas
 def print_table(rows: list[dict], header: dict) -> None:
     print("\n" + "  ".join(f"{k}={v}" for k, v in header.items()))
     columns = f"{'phase':<11}{'image':>10}{'thr':>4}{'conc':>5}{'ok':>5}{'errs':>5}{'req/s':>8}{'p50_ms':>8}" \
-              f"{'p99_ms':>8}{'vs_own':>8}{'vs_eq':>7}{'batch':>7}  batch_hist"
+              f"{'p99_ms':>8}{'vs_own':>8}{'vs_eq':>7}{'enc_b':>7}{'dec_b':>7}  encoder / decoder batch_hist"
     print(columns)
     print("-" * len(columns))
     for r in rows:
-        b = r["encoder_batches"]
-        hist = " ".join(f"{k}:{v}" for k, v in b["histogram"].items()) if b else "-"
+        b, d = r["encoder_batches"], r["decoder_batches"]
+        hist = " / ".join(" ".join(f"{k}:{v}" for k, v in x["histogram"].items()) if x else "-" for x in (b, d))
         ratios = [fmt(r[k], ".2f") + ("x" if r[k] is not None else "") for k in ("vs_own_threads", "vs_equal_threads")]
         print(f"{r['phase']:<11}{r['image']:>10}{fmt(r['threads']):>4}{r['concurrency']:>5}{r['ok']:>5}{r['errors']:>5}"
               f"{r['throughput_rps']:>8.2f}{fmt(r['p50_ms'], '.1f'):>8}{fmt(r['p99_ms'], '.1f'):>8}"
-              f"{ratios[0]:>8}{ratios[1]:>7}{fmt(b and b['mean_batch_size'], '.2f'):>7}  {hist}")
+              f"{ratios[0]:>8}{ratios[1]:>7}{fmt(b and b['mean_batch_size'], '.2f'):>7}"
+              f"{fmt(d and d['mean_batch_size'], '.2f'):>7}  {hist}")
     roles = sorted({k for r in rows for k in r["cpu_ms_per_request"] if k != "in-process"})
     print("\nCPU ms per request (process CPU over the measured requests / requests)")
     print(f"{'phase':<11}{'image':>10}{'conc':>5}" + "".join(f"{role:>14}" for role in [*roles, "total"]))
@@ -348,6 +357,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=16, help="SAM3_ENCODER_MAX_BATCH_SIZE")
     p.add_argument("--batch-wait-ms", type=float, default=None,
                    help="SAM3_ENCODER_BATCH_WAIT_TIMEOUT_S in ms (default: the configuration's)")
+    p.add_argument("--decoder-batch", type=int, default=None, help="SAM3_DECODER_MAX_BATCH_SIZE")
+    p.add_argument("--decoder-threads", type=int, default=None, help="SAM3_DECODER_THREADS")
+    p.add_argument("--decoder-exact", action="store_true", help="SAM3_DECODER_EXACT=1: one request per decode")
+    p.add_argument("--admission", type=int, default=None, help="SAM3_ADMISSION_RUNNING_PER_REPLICA")
     p.add_argument("--gpu-fraction", type=float, default=0.5, help="GPU per encoder / decoder replica on CUDA")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",

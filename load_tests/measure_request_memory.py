@@ -1,6 +1,6 @@
 """Peak memory of the decoder's steps on the full-size SAM3 architecture, for docs/memory.md.
 
-    python load_tests/measure_request_memory.py [--dtype float32] [--json out.json]
+    python load_tests/measure_request_memory.py [--dtype float32] [--batch 4] [--json out.json]
 
 facebook/sam3's architecture (Sam3VideoConfig defaults) is built on the meta device and its weights are zero-filled
 (no download, no minutes of random init: activation shapes and sizes do not depend on the values). Each step runs
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--height", type=int, default=1008)
     parser.add_argument("--width", type=int, default=1008)
+    parser.add_argument("--batch", type=int, default=4,
+                        help="also decode a batch of this many one-prompt requests, all in one DETR forward")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -82,6 +84,14 @@ def main() -> None:
         lambda: engine.decode(embedding, [ConceptPrompt(text="a cat")], params, size)
     )
     rows["concept_decode_1_prompt"]["instances"] = len(result.prompts[0].instances)
+    del result
+    if args.batch > 1:
+        from serve_app.image.decoding import DecodeJob, decode_jobs
+
+        jobs = [DecodeJob(embedding, [ConceptPrompt(text="a cat")], params, size) for _ in range(args.batch)]
+        results, rows[f"concept_decode_batch_{args.batch}"] = _measure(
+            lambda: decode_jobs(engine, jobs, args.batch, args.batch))
+        rows[f"concept_decode_batch_{args.batch}"]["instances"] = sum(len(r.prompts[0].instances) for r in results)
     print(json.dumps(rows, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -114,11 +114,11 @@ def model_panels() -> list[dict]:
         _panel("Encoder queue wait", "How long an image waited in the encoder's batcher before its batch started.",
                "ms", [_target(_mean(enc_wait, APP), "mean"), _target(_quantile(0.5, enc_wait, APP), "p50"),
                       _target(_quantile(0.99, enc_wait, APP), "p99")]),
-        _panel("Decoder batch size (prompts per decode call)", "One request's prompt set per call; the decoder runs "
-               "SAM3_DECODER_PROMPT_BATCH of them through DETR at a time.", "short",
+        _panel("Decoder batch size (requests per batch)", "Requests that share one decoder batch (their necks, DETR "
+               "and mask-decoder forwards); SAM3_DECODER_MAX_BATCH_SIZE caps it.", "short",
                [_target(_mean(dec, APP), "mean"), _target(_quantile(0.99, dec, APP), "p99"),
-                _target(f"sum(rate({dec}_count{{{APP}}}{RATE}))", "decode calls/s")]),
-        _panel("Decoder queue wait", "How long a decode call waited for one of its replica's SAM3_DECODER_THREADS.",
+                _target(f"sum(rate({dec}_count{{{APP}}}{RATE}))", "batches/s")]),
+        _panel("Decoder queue wait", "How long a request waited in the decoder's batcher before its batch started.",
                "ms", [_target(_mean(dec_wait, APP), "mean"), _target(_quantile(0.5, dec_wait, APP), "p50"),
                       _target(_quantile(0.99, dec_wait, APP), "p99")]),
         _panel("Embedding cache hit rate", "Hits over lookups of the embedding cache (by image bytes or image_id), "

@@ -58,7 +58,8 @@ def read_bytes(location: str, max_bytes: int, knob: str) -> bytes:
 
 def make_engine(config: Config, video_model=None) -> ImageEngine:
     """The online server's engine, on `video_model` when the driver built it (built-in models), else loaded here."""
-    return ImageEngine(load_bundle(config, video_model), prompt_batch=config.decoder_prompt_batch)
+    return ImageEngine(load_bundle(config, video_model), prompt_batch=config.decoder_batches()[1],
+                       visual_batch=config.decoder_batches()[2])
 
 
 def _objects(values: list) -> np.ndarray:

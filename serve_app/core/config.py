@@ -157,11 +157,24 @@ class Config(BaseModel):
     )
     encoder_num_gpus: float = Field(0.0, ge=0, description="GPU fraction per encoder replica (0 on CPU).")
     decoder_num_gpus: float = Field(0.0, ge=0, description="GPU fraction per decoder replica (0 on CPU).")
+    decoder_max_batch_size: int = Field(
+        8, ge=1, le=64, description="Most requests per decoder batch: requests that wait while the decoder is busy "
+        "share one pass of each neck and their DETR and mask-decoder forwards (1: one request at a time).")
+    decoder_batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="Longest a decoder batch waits for requests its senders have in flight (a request "
+        "alone never waits; requests that arrive while the decoder runs form the next batch without waiting).")
     decoder_prompt_batch: int = Field(
-        1, ge=1, le=64,
-        description="Concept prompts per DETR forward. 1 is bitwise equal to transformers called per prompt; "
-        "larger batches are faster on GPU but round differently (a few boundary pixels may flip).",
+        8, ge=1, le=64,
+        description="Most (image, concept prompt) pairs per DETR forward, from one request or several; pairs share a "
+        "forward only when their exemplar counts match. Batched forwards round differently from one prompt at a time "
+        "(docs/performance.md says by how much); SAM3_DECODER_EXACT=1 keeps the exact path.",
     )
+    decoder_visual_batch: int = Field(
+        8, ge=1, le=64, description="Most visual prompts (clicks, boxes) per mask-decoder forward, from one request "
+        "or several; prompts share a forward only when their point count, box, and multimask match.")
+    decoder_exact: bool = Field(
+        False, description="One request and one prompt per forward: every result bit for bit what transformers gives "
+        "for that prompt alone (SAM3_DECODER_MAX_BATCH_SIZE, _PROMPT_BATCH and _VISUAL_BATCH are then 1).")
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica (0 keeps Ray from waiting on CPUs).")
     model_resources: dict[str, float] = Field(
         default_factory=dict,
@@ -199,8 +212,8 @@ class Config(BaseModel):
         "shorten it with the header `X-Request-Timeout: <seconds>`; past it the work is dropped wherever it is (504)."
     )
     decoder_threads: int = Field(
-        2, ge=1, le=64, description="Decodes one Decoder replica runs at once (worker threads); calls past it wait "
-        "on the replica, where an expired or cancelled one is dropped before it starts."
+        2, ge=1, le=64, description="Decoder batches one Decoder replica runs at once (worker threads); requests past "
+        "them wait on the replica for the next batch, where an expired or cancelled one is dropped before it starts."
     )
 
     # Admission and overload (docs/operations.md): what the ingress lets into the model graph
@@ -294,6 +307,12 @@ class Config(BaseModel):
             raise ValueError(str(exc)) from None
         return self
 
+    def decoder_batches(self) -> tuple[int, int, int]:
+        """(requests per decoder batch, concept pairs per DETR forward, visual prompts per mask-decoder forward)."""
+        if self.decoder_exact:
+            return 1, 1, 1
+        return self.decoder_max_batch_size, self.decoder_prompt_batch, self.decoder_visual_batch
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Config:
         """Read every `SAM3_<FIELD>` variable; explicit overrides win. Raises ValueError with a readable message."""
@@ -339,7 +358,8 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "Logs": ("log_format", "log_level"),
     "Graph: batching, replicas, GPUs": (
         "encoder_max_batch_size", "encoder_batch_wait_timeout_s", "encoder_num_gpus", "decoder_num_gpus",
-        "decoder_prompt_batch", "num_cpus", "model_resources", "service_resources", "encoder_replicas",
+        "decoder_max_batch_size", "decoder_batch_wait_timeout_s", "decoder_prompt_batch", "decoder_visual_batch",
+        "decoder_exact", "num_cpus", "model_resources", "service_resources", "encoder_replicas",
         "decoder_replicas", "ingress_replicas", "web_ui", "autoscale", "autoscale_max_replicas",
         "autoscale_target_ongoing_requests", "autoscale_upscale_delay_s", "autoscale_downscale_delay_s",
         "autoscale_look_back_period_s"),

@@ -1,4 +1,5 @@
-"""Batching for the encoder: a request alone runs at once; requests that arrive together meet in one batch.
+"""Batching for the encoder and the decoder: a request alone runs at once; requests that arrive together meet in one
+batch.
 
 Ray's `@serve.batch` closes a batch `batch_wait_timeout_s` after its first request arrives even while the previous
 batch still runs, so under load it queues batches of one or two behind the model. Here the next batch is formed
@@ -8,6 +9,10 @@ its first request arrived. A lone request (`expected` 1) never waits.
 
 Nothing runs for a request nobody waits for: an entry whose caller was cancelled (its client left) or whose
 deadline (wall clock) passed is dropped when the next batch is formed, and counted in `stats()`.
+
+`run` may answer an exception in place of one item's result: that request gets the error, the others their results.
+`concurrency` batches may run at once (each in its own worker thread); another worker starts only when the queue holds
+more than the workers not running a batch can take.
 """
 
 from __future__ import annotations
@@ -33,19 +38,22 @@ class _Entry:
 
 
 class Batcher:
-    """Runs `run(items) -> results` (same length, same order) in a worker thread, one batch at a time."""
+    """Runs `run(items) -> results` (same length, same order) in worker threads, `concurrency` batches at a time."""
 
     def __init__(
         self, run: Callable[[list], list], max_batch_size: int, wait_s: float,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[int], None] | None = None, concurrency: int = 1, name: str = "image encoder",
     ) -> None:
+        self.name = name  # what a dropped request's 504 says it waited for
         self.run = run
+        self.concurrency = max(1, int(concurrency))
         self.max_batch_size = max(1, int(max_batch_size))
         self.wait_s = max(0.0, float(wait_s))
         self.on_batch = on_batch or (lambda size: None)
         self._queue: deque[_Entry] = deque()
         self._arrival: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
+        self._workers: set[asyncio.Task] = set()
+        self._busy = 0  # workers running a batch
         self._lock = threading.Lock()
         self._totals = {"batches": 0, "items": 0, "wait_s": 0.0, "run_s": 0.0}
         self.dropped = {"cancelled": 0, "expired": 0}
@@ -59,8 +67,10 @@ class Batcher:
         if self._arrival is None:
             self._arrival = asyncio.Event()
         self._arrival.set()
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._work())
+        self._workers = {w for w in self._workers if not w.done()}
+        free = len(self._workers) - self._busy  # workers forming a batch: each takes up to max_batch_size
+        if len(self._workers) < self.concurrency and len(self._queue) > free * self.max_batch_size:
+            self._workers.add(loop.create_task(self._work()))
         return await entry.future
 
     def stats(self) -> dict:
@@ -106,6 +116,7 @@ class Batcher:
     async def _run(self, batch: list[_Entry]) -> None:
         started = time.perf_counter()
         self.on_batch(len(batch))
+        self._busy += 1
         try:
             results = await asyncio.to_thread(self.run, [e.item for e in batch])
             if len(results) != len(batch):
@@ -116,8 +127,14 @@ class Batcher:
                     entry.future.set_exception(exc)
         else:
             for entry, result in zip(batch, results):
-                if not entry.future.done():
+                if entry.future.done():
+                    continue
+                if isinstance(result, BaseException):  # this item's own error
+                    entry.future.set_exception(result)
+                else:
                     entry.future.set_result(result)
+        finally:
+            self._busy -= 1
         with self._lock:
             self._totals["batches"] += 1
             self._totals["items"] += len(batch)
@@ -132,7 +149,7 @@ class Batcher:
         if entry.deadline is not None and time.time() >= entry.deadline:
             self.dropped["expired"] += 1
             entry.future.set_exception(GatewayTimeout(
-                "the request's deadline passed while it waited for the image encoder; it was dropped"))
+                f"the request's deadline passed while it waited for the {self.name}; it was dropped"))
             return False
         return True
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import threading
-import time
 from collections import OrderedDict
 from types import SimpleNamespace
 
@@ -12,8 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve_app.core.errors import BadRequest
-from serve_app.core.registry import LITE_ONLY
 from serve_app.core.types import (
     AutoPrompt,
     ConceptPrompt,
@@ -24,6 +21,7 @@ from serve_app.core.types import (
     VisualPrompt,
 )
 from serve_app.image import postprocess as pp
+from serve_app.image.decoding import DecodeJob, decode_jobs
 from serve_app.image.geometry import normalized_cxcywh_from_xyxy
 from serve_app.image.models import ModelBundle
 
@@ -38,11 +36,12 @@ class ImageEngine:
     """Plain class wrapping a `ModelBundle`; the Ray deployments and the benchmarks both use it."""
 
     def __init__(
-        self, bundle: ModelBundle, text_cache_size: int = 1024, prompt_batch: int = 1,
+        self, bundle: ModelBundle, text_cache_size: int = 1024, prompt_batch: int = 1, visual_batch: int = 1,
         auto_pool_factor: int = AUTO_POOL_FACTOR, max_result_bytes: int = pp.MAX_RESULT_RLE_BYTES,
     ) -> None:
         self.bundle = bundle
         self.prompt_batch = prompt_batch  # >1 batches prompts through DETR: faster, not bitwise equal to batch 1
+        self.visual_batch = visual_batch  # >1 batches visual prompts through the mask decoder: the same caveat
         self.auto_pool_factor = max(0, auto_pool_factor)  # memory vs recomputation: results never depend on it
         self.auto_recomputed_chunks = 0  # grid chunks run twice because a winner had left the pool
         self.max_result_bytes = max_result_bytes  # RLE bytes of one decode's masks; over it: 413
@@ -81,31 +80,33 @@ class ImageEngine:
 
     # ---- decoder side -------------------------------------------------------------------------------
 
-    def _spatial(self, embedding: torch.Tensor) -> torch.Tensor:
+    def _spatial(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        """(tokens, hidden) embeddings -> (B, hidden, grid, grid) on the device."""
         grid = self.bundle.image_size // self.bundle.patch_size
-        hidden = embedding.to(self.device, self.dtype)
-        return hidden.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        hidden = embeddings[0] if len(embeddings) == 1 else torch.stack(embeddings)
+        hidden = hidden.to(self.device, self.dtype)
+        return hidden.reshape(len(embeddings), grid, grid, -1).permute(0, 3, 1, 2)
 
-    def detector_vision(self, embedding: torch.Tensor, batch: int) -> SimpleNamespace:
-        """What `Sam3Model(vision_embeds=...)` reads: the detector neck's FPN levels, repeated per prompt."""
-        fpn, pos = self.bundle.detector.vision_encoder.neck(self._spatial(embedding))
-        return SimpleNamespace(
-            fpn_hidden_states=tuple(f.expand(batch, -1, -1, -1) for f in fpn),
-            fpn_position_encoding=tuple(p.expand(batch, -1, -1, -1) for p in pos),
-            hidden_states=None,
-            attentions=None,
-        )
+    def detector_levels(self, embeddings: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The detector neck's FPN levels and position encodings, (B, ...) each: one pass for all the images."""
+        fpn, pos = self.bundle.detector.vision_encoder.neck(self._spatial(embeddings))
+        return tuple(fpn), tuple(pos)
 
-    def tracker_embeddings(self, embedding: torch.Tensor) -> list[torch.Tensor]:
-        """What `Sam3TrackerModel(image_embeddings=...)` reads, built as its `get_image_features` builds it."""
-        tracker = self.bundle.tracker
-        fpn, _ = tracker.vision_encoder.neck(self._spatial(embedding))
+    def tracker_levels(self, embeddings: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What `Sam3TrackerModel(image_embeddings=...)` reads, (B, ...) per level, built as `get_image_features`
+        builds it: one neck pass for all the images."""
+        tracker, batch = self.bundle.tracker, len(embeddings)
+        fpn, _ = tracker.vision_encoder.neck(self._spatial(embeddings))
         maps = list(fpn)
         maps[0] = tracker.mask_decoder.conv_s0(maps[0])
         maps[1] = tracker.mask_decoder.conv_s1(maps[1])
         maps = [m.flatten(2).permute(2, 0, 1) for m in maps]
         maps[-1] = maps[-1] + tracker.no_memory_embedding
-        return [m.permute(1, 2, 0).view(1, -1, *size) for m, size in zip(maps, tracker.backbone_feature_sizes)]
+        return [m.permute(1, 2, 0).view(batch, -1, *size) for m, size in zip(maps, tracker.backbone_feature_sizes)]
+
+    def tracker_embeddings(self, embedding: torch.Tensor) -> list[torch.Tensor]:
+        """One image's tracker features, (1, ...) per level."""
+        return self.tracker_levels([embedding])
 
     def text_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text features (B, 32, D) and masks (B, 32), cached per phrase."""
@@ -126,7 +127,6 @@ class ImageEngine:
                 self._text_cache.move_to_end(t)
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    @torch.inference_mode()
     def decode(
         self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
         deadline: float | None = None, stop=None,
@@ -135,72 +135,53 @@ class ImageEngine:
 
         deadline (time.monotonic()): past it, the work stops at the next chunk with a 504 (GatewayTimeout).
         stop (a threading.Event): once set, the work stops at the next chunk (postprocess.Stopped).
+        Concept prompts go through DETR `prompt_batch` at a time, visual prompts `visual_batch` at a time.
         """
-        start = time.perf_counter()
-        budget = pp.ResultBudget(self.max_result_bytes, deadline, stop)
-        results: list[PromptResult | None] = [None] * len(prompts)
-        concept = [(i, p) for i, p in enumerate(prompts) if isinstance(p, ConceptPrompt)]
-        for group in _group_by_box_count(concept, self.prompt_batch):
-            budget.check_deadline()
-            decoded = self._decode_concepts(embedding, group, params, size, budget)
-            for index, result in zip([i for i, _ in group], decoded):
-                results[index] = result
-        visual = [(i, p) for i, p in enumerate(prompts) if isinstance(p, (VisualPrompt, AutoPrompt))]
-        if visual and self.bundle.tracker is None:
-            raise BadRequest(LITE_ONLY.format(model=self.bundle.name))
-        if visual:
-            features = self.tracker_embeddings(embedding)
-            for i, prompt in visual:
-                budget.check_deadline()
-                decode = self._decode_auto if isinstance(prompt, AutoPrompt) else self._decode_visual
-                results[i] = decode(features, i, prompt, params, size, budget)
-        if params.cross_prompt_nms_iou is not None and concept:
-            kept = pp.cross_prompt_nms([results[i].instances for i, _ in concept], params.cross_prompt_nms_iou)
-            for (i, _), instances in zip(concept, kept):
-                results[i].instances = instances
-        elapsed = (time.perf_counter() - start) * 1000
-        return SegmentResult(size[0], size[1], results, {"decode_ms": elapsed})
+        result = decode_jobs(self, [DecodeJob(embedding, prompts, params, size, deadline, stop)], self.prompt_batch,
+                             self.visual_batch)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    def _decode_concepts(
-        self, embedding: torch.Tensor, group: list[tuple[int, ConceptPrompt]], params: SegmentParams,
-        size: tuple[int, int], budget: pp.ResultBudget | None = None,
-    ) -> list[PromptResult]:
-        prompts = [p for _, p in group]
-        text_embeds, text_mask = self.text_features([p.text or "visual" for p in prompts])
-        boxes, labels = self._exemplar_tensors(prompts, size)
-        outputs = self.bundle.detector(
-            vision_embeds=self.detector_vision(embedding, len(prompts)),
+    def detr(self, vision: SimpleNamespace, prompts: list[tuple[ConceptPrompt, tuple[int, int]]]):
+        """One DETR forward over (prompt, image size) pairs, `vision` holding each pair's FPN rows; all pairs have the
+        same number of exemplar boxes."""
+        text_embeds, text_mask = self.text_features([p.text or "visual" for p, _ in prompts])
+        boxes, labels = self._exemplar_tensors(prompts)
+        return self.bundle.detector(
+            vision_embeds=vision,
             text_embeds=SimpleNamespace(pooler_output=text_embeds),
             attention_mask=text_mask,
             input_boxes=boxes,
             input_boxes_labels=labels,
         )
-        scores = pp.concept_scores(outputs.pred_logits, outputs.presence_logits)
-        results = []
-        for row, (index, prompt) in enumerate(group):
-            threshold = params.threshold if prompt.threshold is None else prompt.threshold
-            keep, pixel_boxes = pp.select_concept_instances(
-                scores[row], outputs.pred_boxes[row], threshold, params.nms_iou, params.max_instances, size
-            )
-            instances = pp.instances_from_low_res(  # full-size masks a chunk at a time, never all at once
-                outputs.pred_masks[row][keep], size, scores[row][keep], pixel_boxes, params.mask_threshold,
-                budget=budget,
-            )
-            results.append(PromptResult(index, prompt, instances))
-        return results
+
+    def concept_result(
+        self, scores: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor, index: int, prompt: ConceptPrompt,
+        params: SegmentParams, size: tuple[int, int], budget: pp.ResultBudget | None = None,
+    ) -> PromptResult:
+        """One pair's instances from its row of a DETR forward: threshold, NMS, cap, full-size RLE."""
+        threshold = params.threshold if prompt.threshold is None else prompt.threshold
+        keep, pixel_boxes = pp.select_concept_instances(
+            scores, boxes, threshold, params.nms_iou, params.max_instances, size
+        )
+        instances = pp.instances_from_low_res(  # full-size masks a chunk at a time, never all at once
+            masks[keep], size, scores[keep], pixel_boxes, params.mask_threshold, budget=budget,
+        )
+        return PromptResult(index, prompt, instances)
 
     def _exemplar_tensors(
-        self, prompts: list[ConceptPrompt], size: tuple[int, int]
+        self, prompts: list[tuple[ConceptPrompt, tuple[int, int]]]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Exemplar boxes as the model wants them: normalised (cx, cy, w, h), labels 1/0 (all prompts same count)."""
-        count = len(prompts[0].boxes)
+        """Exemplar boxes as the model wants them: normalised (cx, cy, w, h) by each pair's image size, labels 1/0
+        (all prompts the same count)."""
+        count = len(prompts[0][0].boxes)
         if count == 0:
             return None, None
-        height, width = size
         cxcywh = torch.tensor(
-            np.stack([normalized_cxcywh_from_xyxy(p.boxes, width, height) for p in prompts]), dtype=torch.float32
+            np.stack([normalized_cxcywh_from_xyxy(p.boxes, w, h) for p, (h, w) in prompts]), dtype=torch.float32
         )
-        labels = torch.tensor([[int(bool(v)) for v in p.box_labels] for p in prompts], dtype=torch.long)
+        labels = torch.tensor([[int(bool(v)) for v in p.box_labels] for p, _ in prompts], dtype=torch.long)
         return cxcywh.to(self.device, self.dtype), labels.to(self.device)
 
     def visual_inputs(self, prompt: VisualPrompt, size: tuple[int, int]) -> dict:
@@ -222,21 +203,26 @@ class ImageEngine:
             inputs["input_masks"] = logits.reshape(1, 1, *logits.shape[-2:]).to(self.device, self.dtype)
         return inputs
 
-    def _decode_visual(
-        self, features: list[torch.Tensor], index: int, prompt: VisualPrompt, params: SegmentParams,
+    def track(self, features: list[torch.Tensor], prompts: list[tuple[VisualPrompt, tuple[int, int]]]):
+        """One mask-decoder forward over (prompt, image size) pairs that share points count, box, mask and
+        multimask; `features` holds each pair's image rows."""
+        each = [self.visual_inputs(p, size) for p, size in prompts]
+        inputs = each[0] if len(each) == 1 else {key: torch.cat([e[key] for e in each]) for key in each[0]}
+        return self.bundle.tracker(image_embeddings=features, multimask_output=prompts[0][0].multimask, **inputs)
+
+    def visual_result(
+        self, logits: torch.Tensor, iou: torch.Tensor, index: int, prompt: VisualPrompt, params: SegmentParams,
         size: tuple[int, int], budget: pp.ResultBudget | None = None,
     ) -> PromptResult:
-        out = self.bundle.tracker(
-            image_embeddings=features, multimask_output=prompt.multimask, **self.visual_inputs(prompt, size)
-        )
-        logits, iou = out.pred_masks[0, 0], out.iou_scores[0, 0].float()
+        """One visual prompt's candidates from its row of a tracker forward, best predicted IoU first."""
+        iou = iou.float()
         order = torch.argsort(iou, descending=True, stable=True)
         logits, iou = logits[order], iou[order]
         instances = pp.instances_from_low_res(logits, size, iou, budget=budget)
         low_res = logits.float().cpu().numpy() if params.return_logits else None
         return PromptResult(index, prompt, instances, low_res)
 
-    def _decode_auto(
+    def auto_result(
         self, features: list[torch.Tensor], index: int, prompt: AutoPrompt, params: SegmentParams,
         size: tuple[int, int], budget: pp.ResultBudget | None = None,
     ) -> PromptResult:
@@ -361,11 +347,3 @@ def stability_scores(logits: torch.Tensor) -> torch.Tensor:
     inner = (flat > STABILITY_OFFSET).sum(dim=1).float()
     outer = (flat > -STABILITY_OFFSET).sum(dim=1).float()
     return torch.where(outer > 0, inner / outer.clamp(min=1), torch.zeros_like(outer))
-
-
-def _group_by_box_count(items: list[tuple[int, ConceptPrompt]], size: int) -> list[list[tuple[int, ConceptPrompt]]]:
-    """Batches of at most `size` prompts sharing an exemplar count, so no padding changes a result."""
-    groups: dict[int, list[tuple[int, ConceptPrompt]]] = {}
-    for item in items:
-        groups.setdefault(len(item[1].boxes), []).append(item)
-    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]

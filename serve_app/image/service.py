@@ -64,7 +64,7 @@ class Graph(Protocol):
 
     async def decode(
         self, embedding: object, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
-        model: str | None = None,
+        model: str | None = None, expected: int = 1,
     ) -> SegmentResult: ...
 
     async def embedding_bytes(self, model: str | None = None) -> int: ...
@@ -187,13 +187,15 @@ class SegmentService:
         resolved = await self.encode(resolved, tenant, model)
         encoded = time.perf_counter()
         try:
-            result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size, model)
+            result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size, model,
+                                             max(1, self.in_flight))
         except EmbeddingLost:
             await self.caches.pop_embedding(self.cache_key(tenant, model, resolved.key))
             if not request.image.source:
                 raise Gone(f"the cached embedding for image_id {resolved.key!r} was lost; send the image again") from None
             resolved = await self.resolve(request.image, tenant, need_pixels, model)
-            result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size, model)
+            result = await self.graph.decode(resolved.embedding, prompts, request.params, resolved.size, model,
+                                             max(1, self.in_flight))
         result.model = model
         finished = time.perf_counter()
         result.timings_ms.update({

@@ -1,4 +1,7 @@
-"""Results through the full Serve graph equal transformers' SAM3 called directly on the same pixel values."""
+"""Results through the full Serve graph equal transformers' SAM3 called directly on the same pixel values.
+
+A request's forwards that carry one prompt are the exact computation: every mask bit equal. Prompts that share a DETR
+forward (several texts of one request, SAM3_DECODER_PROMPT_BATCH) agree within the documented tolerances."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from tests.reference import concept_reference, served_instances, visual_referenc
 
 THRESHOLD = 0.1
 SCORE_TOL = 1e-4
+IOU_MIN, BATCHED_SCORE_TOL = 0.99, 1e-3  # a batched forward's documented tolerances (docs/performance.md)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,17 @@ def _assert_same(served: list, expected: list) -> None:
         assert np.array_equal(s_mask, e_mask), f"{int((s_mask != e_mask).sum())} mask pixels differ"
 
 
-def _concept_case(app_url, reference, seed, prompts):
+def _assert_close(served: list, expected: list) -> None:
+    """A batched forward: the same instances, scores within 1e-3, masks with IoU >= 0.99."""
+    assert len(served) == len(expected), f"{len(served)} instances served, {len(expected)} expected"
+    for (s_score, s_box, s_mask), (e_score, e_box, e_mask) in zip(served, expected):
+        assert abs(s_score - e_score) <= BATCHED_SCORE_TOL
+        np.testing.assert_allclose(s_box, np.clip(e_box, 0, [e_mask.shape[1], e_mask.shape[0]] * 2), atol=0.5)
+        union = np.logical_or(s_mask, e_mask).sum()
+        assert (np.logical_and(s_mask, e_mask).sum() / union if union else 1.0) >= IOU_MIN
+
+
+def _concept_case(app_url, reference, seed, prompts, stacked: bool = False):
     bundle, engine = reference
     image = random_image(seed)
     pixels = engine.preprocess([image])
@@ -52,7 +66,7 @@ def _concept_case(app_url, reference, seed, prompts):
             bundle, pixels, prompt.get("text"), prompt.get("boxes", []),
             prompt.get("box_labels", [True] * len(prompt.get("boxes", []))), image.shape[:2], THRESHOLD,
         )
-        _assert_same(served_instances(result), expected)
+        (_assert_close if stacked else _assert_same)(served_instances(result), expected)
         found += len(expected)
     assert found > 0, "the case must produce instances, or it proves nothing"
 
@@ -63,7 +77,7 @@ def test_text_prompt(app_url, reference):
 
 def test_several_texts_at_once(app_url, reference):
     prompts = [{"type": "concept", "text": t} for t in ("cat", "dog", "traffic light", "person")]
-    _concept_case(app_url, reference, 2, prompts)
+    _concept_case(app_url, reference, 2, prompts, stacked=True)  # one DETR forward for the four
 
 
 def test_positive_and_negative_exemplar_boxes(app_url, reference):

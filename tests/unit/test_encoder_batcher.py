@@ -148,3 +148,43 @@ def test_stats_report_queue_wait_and_run_time():
     run(batcher.submit(1))
     stats = batcher.stats()
     assert stats["mean_batch_run_ms"] >= 40 and stats["mean_queue_wait_ms"] >= 0
+
+
+def test_an_items_own_error_reaches_that_request_only():
+    def model(items: list) -> list:
+        return [ValueError(f"bad {i}") if i == 2 else i * 10 for i in items]
+
+    batcher = Batcher(model, max_batch_size=8, wait_s=0.5)
+
+    async def go():
+        return await asyncio.gather(*(batcher.submit(i, expected=3) for i in range(3)), return_exceptions=True)
+
+    first, second, third = run(go())
+    assert (first, second) == (0, 10)
+    assert isinstance(third, ValueError) and str(third) == "bad 2"
+
+
+def test_concurrency_runs_that_many_batches_side_by_side():
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def model(items: list) -> list:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return items
+
+    async def go(concurrency: int) -> float:
+        batcher = Batcher(model, max_batch_size=1, wait_s=0.0, concurrency=concurrency)
+        started = time.perf_counter()
+        await asyncio.gather(*(batcher.submit(i) for i in range(4)))
+        return time.perf_counter() - started
+
+    peak[0] = 0
+    serial = run(go(1))
+    assert peak[0] == 1 and serial >= 0.8
+    peak[0] = 0
+    paired = run(go(2))
+    assert peak[0] == 2 and paired < 0.7, paired
