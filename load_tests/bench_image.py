@@ -2,7 +2,7 @@
 
     python load_tests/bench_image.py [--model tiny-random] [--requests N] [--concurrency 1,16]
         [--image-size 480x640,1080x1920] [--format jpeg|png] [--prompts text|visual|mixed] [--device auto]
-        [--max-batch 16] [--batch-wait-ms MS] [--decoder-batch N] [--decoder-threads N] [--decoder-exact]
+        [--max-batch 16] [--batch-wait-ms MS] [--decoder-batch N] [--decoder-threads N] [--decoder exact,batched]
         [--admission N] [--json out.json]
 
 Per image size: the in-process loop at this process' torch thread count and at the Ray workers' (equal threads),
@@ -194,8 +194,9 @@ def start_ray(args: argparse.Namespace) -> int | None:
     return worker_torch_threads()
 
 
-def start_serve(args: argparse.Namespace, device: str) -> str:
-    """Serve's proxy on a free loopback port, build_app(Config) as the root app."""
+def start_serve(args: argparse.Namespace, device: str, decoder: str = "batched", port: int | None = None) -> str:
+    """Serve's proxy on a free loopback port (or `port`, already started), build_app(Config) as the root app with
+    the decoder `exact` (SAM3_DECODER_EXACT=1) or `batched`."""
     from ray import serve
 
     from deployments.app import build_app
@@ -204,14 +205,19 @@ def start_serve(args: argparse.Namespace, device: str) -> str:
     gpu = args.gpu_fraction if device.startswith("cuda") else 0.0
     config = Config(
         model=args.model, device=args.device, num_cpus=0, encoder_num_gpus=gpu, decoder_num_gpus=gpu,
-        encoder_max_batch_size=args.max_batch, decoder_exact=args.decoder_exact,
+        encoder_max_batch_size=args.max_batch, decoder_exact=decoder == "exact",
         **({} if args.decoder_batch is None else {"decoder_max_batch_size": args.decoder_batch}),
         **({} if args.decoder_threads is None else {"decoder_threads": args.decoder_threads}),
         **({} if args.admission is None else {"admission_running_per_replica": args.admission}),
         **({} if args.batch_wait_ms is None else {"encoder_batch_wait_timeout_s": args.batch_wait_ms / 1000}),
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": config.request_timeout_s})
+    if port is None:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": config.request_timeout_s})
+    else:  # the next mode: the previous app's replicas go first, so that the CPU figures are this app's alone
+        serve.delete(APP)
+        while set(serve_processes(APP)) - {"proxy"}:
+            time.sleep(0.5)
     serve.run(build_app(config), name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -277,12 +283,12 @@ def fire(url: str, bodies: list[bytes], concurrency: int, phase: Phase | None) -
     return time.perf_counter() - start
 
 
-def run_http(args: argparse.Namespace, url: str, size: tuple[int, int], seed_base: int) -> list[Phase]:
+def run_http(args: argparse.Namespace, url: str, size: tuple[int, int], seed_base: int, name: str = "http") -> list[Phase]:
     """Each concurrency level in turn: warm-up (not counted), then N requests on images never sent before."""
     import httpx
 
     label = f"{size[0]}x{size[1]}"
-    phases = [Phase("http", label, c, args.requests) for c in args.concurrency]
+    phases = [Phase(name, label, c, args.requests) for c in args.concurrency]
     pids = serve_processes(APP)
     with httpx.Client() as stats_client:
         for k, phase in enumerate(phases):
@@ -308,7 +314,7 @@ def run_http(args: argparse.Namespace, url: str, size: tuple[int, int], seed_bas
 
 def print_table(rows: list[dict], header: dict) -> None:
     print("\n" + "  ".join(f"{k}={v}" for k, v in header.items()))
-    columns = f"{'phase':<11}{'image':>10}{'thr':>4}{'conc':>5}{'ok':>5}{'errs':>5}{'req/s':>8}{'p50_ms':>8}" \
+    columns = f"{'phase':<13}{'image':>10}{'thr':>4}{'conc':>5}{'ok':>5}{'errs':>5}{'req/s':>8}{'p50_ms':>8}" \
               f"{'p99_ms':>8}{'vs_own':>8}{'vs_eq':>7}{'enc_b':>7}{'dec_b':>7}  encoder / decoder batch_hist"
     print(columns)
     print("-" * len(columns))
@@ -316,24 +322,24 @@ def print_table(rows: list[dict], header: dict) -> None:
         b, d = r["encoder_batches"], r["decoder_batches"]
         hist = " / ".join(" ".join(f"{k}:{v}" for k, v in x["histogram"].items()) if x else "-" for x in (b, d))
         ratios = [fmt(r[k], ".2f") + ("x" if r[k] is not None else "") for k in ("vs_own_threads", "vs_equal_threads")]
-        print(f"{r['phase']:<11}{r['image']:>10}{fmt(r['threads']):>4}{r['concurrency']:>5}{r['ok']:>5}{r['errors']:>5}"
+        print(f"{r['phase']:<13}{r['image']:>10}{fmt(r['threads']):>4}{r['concurrency']:>5}{r['ok']:>5}{r['errors']:>5}"
               f"{r['throughput_rps']:>8.2f}{fmt(r['p50_ms'], '.1f'):>8}{fmt(r['p99_ms'], '.1f'):>8}"
               f"{ratios[0]:>8}{ratios[1]:>7}{fmt(b and b['mean_batch_size'], '.2f'):>7}"
               f"{fmt(d and d['mean_batch_size'], '.2f'):>7}  {hist}")
     roles = sorted({k for r in rows for k in r["cpu_ms_per_request"] if k != "in-process"})
     print("\nCPU ms per request (process CPU over the measured requests / requests)")
-    print(f"{'phase':<11}{'image':>10}{'conc':>5}" + "".join(f"{role:>14}" for role in [*roles, "total"]))
+    print(f"{'phase':<13}{'image':>10}{'conc':>5}" + "".join(f"{role:>14}" for role in [*roles, "total"]))
     for r in rows:
         cpu = r["cpu_ms_per_request"]
         cells = [fmt(cpu.get(role), ".1f") for role in roles] + [fmt(sum(cpu.values()) if cpu else None, ".1f")]
-        print(f"{r['phase']:<11}{r['image']:>10}{r['concurrency']:>5}" + "".join(f"{c:>14}" for c in cells))
+        print(f"{r['phase']:<13}{r['image']:>10}{r['concurrency']:>5}" + "".join(f"{c:>14}" for c in cells))
     keys = sorted({k for r in rows for k in r["timings_ms_mean"]})
     if keys:
         print("\nmean timings_ms of the responses")
-        print(f"{'image':>10}{'conc':>5}" + "".join(f"{k:>16}" for k in keys))
+        print(f"{'phase':<13}{'image':>10}{'conc':>5}" + "".join(f"{k:>16}" for k in keys))
         for r in rows:
             if r["timings_ms_mean"]:
-                print(f"{r['image']:>10}{r['concurrency']:>5}"
+                print(f"{r['phase']:<13}{r['image']:>10}{r['concurrency']:>5}"
                       + "".join(f"{fmt(r['timings_ms_mean'].get(k), '.2f'):>16}" for k in keys))
 
 
@@ -359,7 +365,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SAM3_ENCODER_BATCH_WAIT_TIMEOUT_S in ms (default: the configuration's)")
     p.add_argument("--decoder-batch", type=int, default=None, help="SAM3_DECODER_MAX_BATCH_SIZE")
     p.add_argument("--decoder-threads", type=int, default=None, help="SAM3_DECODER_THREADS")
-    p.add_argument("--decoder-exact", action="store_true", help="SAM3_DECODER_EXACT=1: one request per decode")
+    p.add_argument("--decoder", default="batched",
+                   help="comma-separated decoder modes, each its own app in turn, same run: batched, exact "
+                        "(SAM3_DECODER_EXACT=1)")
     p.add_argument("--admission", type=int, default=None, help="SAM3_ADMISSION_RUNNING_PER_REPLICA")
     p.add_argument("--gpu-fraction", type=float, default=0.5, help="GPU per encoder / decoder replica on CUDA")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -370,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.image_size.split(",") if s.strip()]
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.decoder = [m.strip() for m in args.decoder.split(",") if m.strip()]
+    if not args.decoder or set(args.decoder) - {"exact", "batched"}:
+        p.error("--decoder: exact, batched or both")
     return args
 
 
@@ -388,9 +399,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"in-process {size[0]}x{size[1]}: {args.requests} requests at torch threads {threads} ...", flush=True)
             baselines[size], more = run_in_process(args, size, threads)
             info.update(more)
-        print(f"http: starting Ray Serve, then {args.requests} requests at concurrency {args.concurrency} ...", flush=True)
-        url = start_serve(args, info["device"])
-        http = {size: run_http(args, url, size, 100_000_000 * k) for k, size in enumerate(args.sizes)}
+        http: dict[tuple, list[Phase]] = {size: [] for size in args.sizes}
+        port = None
+        for mode in args.decoder:
+            print(f"http (decoder {mode}): starting Ray Serve, then {args.requests} requests at concurrency "
+                  f"{args.concurrency} ...", flush=True)
+            url = start_serve(args, info["device"], mode, port)
+            port = int(url.rsplit(":", 1)[1])
+            name = "http" if len(args.decoder) == 1 else f"http-{mode}"
+            for k, size in enumerate(args.sizes):
+                http[size] += run_http(args, url, size, 100_000_000 * k, name)
     finally:
         stop_serve()
     rows, everything = [], []
@@ -403,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             everything.append(phase)
     header = {"model": args.model, **info, "format": args.format, "prompts": args.prompts,
               "cpu_cores": os.cpu_count(), "nice": os.environ.get("RAY_worker_niceness"), **dict(e.partition("=")[::2] for e in args.env),
-              "max_batch": args.max_batch,
+              "max_batch": args.max_batch, "decoder_batch": args.decoder_batch or "config",
+              "decoder_threads": args.decoder_threads or "config", "admission": args.admission or "config",
               "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else "config",
               "load_avg_at_start": round(load[0], 2), "load_avg_at_end": round(os.getloadavg()[0], 2),
               "total_s": round(time.perf_counter() - started, 1)}

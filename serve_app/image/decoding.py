@@ -131,7 +131,10 @@ def _chunks(items: list, key: Callable, size: int) -> list[list]:
 
 
 def _rows(levels: tuple[torch.Tensor, ...], index: list[int]) -> tuple[torch.Tensor, ...]:
-    """Each level's rows for the pairs of one forward: expanded (no copy) when they all come from one image."""
+    """Each level's rows for the pairs of one forward: the levels themselves when the pairs are the images in order,
+    expanded (no copy) when they all come from one image, else gathered."""
+    if index == list(range(levels[0].shape[0])):
+        return levels
     if len(set(index)) == 1:
         return tuple(level[index[0] : index[0] + 1].expand(len(index), *level.shape[1:]) for level in levels)
     at = torch.tensor(index, device=levels[0].device)
