@@ -117,3 +117,22 @@ def click_tracking_reference(engine, frames: list[np.ndarray], object_id: int, p
                 > 0).numpy()
 
     return {out.frame_idx: upsample(out.pred_masks[:, 0])[0] for out in model.propagate_in_video_iterator(hf)}
+
+
+# A decode that shares its forwards with other prompts or requests (the batched decoder) rounds differently from one
+# prompt alone: docs/performance.md states the tolerances these check.
+BATCHED_IOU, BATCHED_SCORE = 0.99, 1e-3
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def assert_batched_close(masks: list, scores: list, expected_masks: list, expected_scores: list) -> None:
+    """The same instances, in order, with masks of IoU >= 0.99 and scores within 1e-3 of the expected ones."""
+    assert len(masks) == len(expected_masks) and len(scores) == len(expected_scores), "not the same instances"
+    for mask, expected in zip(masks, expected_masks):
+        assert mask.shape == expected.shape and mask_iou(mask, expected) >= BATCHED_IOU
+    for score, expected in zip(scores, expected_scores):
+        assert abs(score - expected) <= BATCHED_SCORE
