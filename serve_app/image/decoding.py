@@ -141,27 +141,43 @@ def _rows(levels: tuple[torch.Tensor, ...], index: list[int]) -> tuple[torch.Ten
     return tuple(level.index_select(0, at) for level in levels)
 
 
+def _isolated(items: list, run: Callable[[list], object], job_of: Callable = lambda item: item) -> list[tuple]:
+    """[(items, run(items))] for the items of one forward. If it raises, each item runs alone and only those whose
+    own forward fails get the error, so one request's bad input (or a batch too large for the device's memory)
+    never fails the rest of its batch."""
+    if not items:
+        return []
+    try:
+        return [(items, run(items))]
+    except Exception as exc:  # noqa: BLE001 - recorded on the job(s) it belongs to
+        if len(items) == 1:
+            job = job_of(items[0])
+            job.error = job.error or exc
+            return []
+        return [part for item in items for part in _isolated([item], run, job_of)]
+
+
 def _concepts(engine: ImageEngine, jobs: list[DecodeJob], pair_batch: int, stats: ForwardStats) -> None:
     images = [job for job in jobs if any(isinstance(p, ConceptPrompt) for p in job.prompts) and job.live()]
-    if not images:
-        return
-    fpn, pos = engine.detector_levels([job.embedding for job in images])
-    stats.add(necks=1, neck_images=len(images))
-    row = {id(job): k for k, job in enumerate(images)}
-    pairs = [(job, i, p) for job in images for i, p in enumerate(job.prompts) if isinstance(p, ConceptPrompt)]
-    for chunk in _chunks(pairs, lambda pair: len(pair[2].boxes), pair_batch):
-        chunk = [pair for pair in chunk if pair[0].live()]
-        if not chunk:
-            continue
-        index = [row[id(job)] for job, _, _ in chunk]
-        vision = SimpleNamespace(fpn_hidden_states=_rows(fpn, index), fpn_position_encoding=_rows(pos, index),
-                                 hidden_states=None, attentions=None)
-        outputs = engine.detr(vision, [(p, job.size) for job, _, p in chunk])
-        stats.add(detr=1, detr_pairs=len(chunk))
-        scores = pp.concept_scores(outputs.pred_logits, outputs.presence_logits)
-        for r, (job, i, prompt) in enumerate(chunk):
-            job.put(i, lambda r=r, job=job, i=i, prompt=prompt: engine.concept_result(
-                scores[r], outputs.pred_boxes[r], outputs.pred_masks[r], i, prompt, job.params, job.size, job.budget))
+    for group, (fpn, pos) in _isolated(images, lambda js: engine.detector_levels([j.embedding for j in js])):
+        stats.add(necks=1, neck_images=len(group))
+        row = {id(job): k for k, job in enumerate(group)}
+        pairs = [(job, i, p) for job in group for i, p in enumerate(job.prompts) if isinstance(p, ConceptPrompt)]
+
+        def detr(chunk: list, fpn=fpn, pos=pos, row=row):
+            index = [row[id(job)] for job, _, _ in chunk]
+            vision = SimpleNamespace(fpn_hidden_states=_rows(fpn, index), fpn_position_encoding=_rows(pos, index),
+                                     hidden_states=None, attentions=None)
+            return engine.detr(vision, [(p, job.size) for job, _, p in chunk])
+
+        for chunk in _chunks(pairs, lambda pair: len(pair[2].boxes), pair_batch):
+            for part, outputs in _isolated([pair for pair in chunk if pair[0].live()], detr, lambda pair: pair[0]):
+                stats.add(detr=1, detr_pairs=len(part))
+                scores = pp.concept_scores(outputs.pred_logits, outputs.presence_logits)
+                for r, (job, i, prompt) in enumerate(part):
+                    job.put(i, lambda r=r, job=job, i=i, prompt=prompt: engine.concept_result(
+                        scores[r], outputs.pred_boxes[r], outputs.pred_masks[r], i, prompt, job.params, job.size,
+                        job.budget))
 
 
 def _visual_key(pair: tuple[DecodeJob, int, VisualPrompt]) -> tuple:
@@ -178,25 +194,29 @@ def _visuals(engine: ImageEngine, jobs: list[DecodeJob], visual_batch: int, stat
             job.error = job.error or BadRequest(LITE_ONLY.format(model=engine.bundle.name))
         return
     images = [job for job in wanted if job.live()]
-    if not images:
-        return
-    levels = engine.tracker_levels([job.embedding for job in images])
-    stats.add(necks=1, neck_images=len(images))
-    row = {id(job): k for k, job in enumerate(images)}
-    clicks = [(job, i, p) for job in images for i, p in enumerate(job.prompts) if isinstance(p, VisualPrompt)]
-    for chunk in _chunks(clicks, _visual_key, visual_batch):
-        chunk = [pair for pair in chunk if pair[0].live()]
-        if not chunk:
-            continue
+    for group, levels in _isolated(images, lambda js: engine.tracker_levels([j.embedding for j in js])):
+        stats.add(necks=1, neck_images=len(group))
+        _clicks(engine, group, levels, visual_batch, stats)
+        for k, job in enumerate(group):
+            for i, prompt in enumerate(job.prompts):
+                if isinstance(prompt, AutoPrompt) and job.live():
+                    features = [level[k : k + 1] for level in levels]
+                    job.put(i, lambda: engine.auto_result(features, i, prompt, job.params, job.size, job.budget))
+
+
+def _clicks(engine: ImageEngine, group: list[DecodeJob], levels: list[torch.Tensor], visual_batch: int,
+            stats: ForwardStats) -> None:
+    """The visual prompts of `group` (whose tracker levels are `levels`), stacked by shape."""
+    row = {id(job): k for k, job in enumerate(group)}
+
+    def track(chunk: list):
         features = list(_rows(tuple(levels), [row[id(job)] for job, _, _ in chunk]))
-        out = engine.track(features, [(p, job.size) for job, _, p in chunk])
-        stats.add(tracker=1, tracker_prompts=len(chunk))
-        for r, (job, i, prompt) in enumerate(chunk):
-            job.put(i, lambda r=r, job=job, i=i, prompt=prompt: engine.visual_result(
-                out.pred_masks[r, 0], out.iou_scores[r, 0], i, prompt, job.params, job.size, job.budget))
-    for job in images:
-        for i, prompt in enumerate(job.prompts):
-            if isinstance(prompt, AutoPrompt) and job.live():
-                k = row[id(job)]
-                features = [level[k : k + 1] for level in levels]
-                job.put(i, lambda: engine.auto_result(features, i, prompt, job.params, job.size, job.budget))
+        return engine.track(features, [(p, job.size) for job, _, p in chunk])
+
+    clicks = [(job, i, p) for job in group for i, p in enumerate(job.prompts) if isinstance(p, VisualPrompt)]
+    for chunk in _chunks(clicks, _visual_key, visual_batch):
+        for part, out in _isolated([pair for pair in chunk if pair[0].live()], track, lambda pair: pair[0]):
+            stats.add(tracker=1, tracker_prompts=len(part))
+            for r, (job, i, prompt) in enumerate(part):
+                job.put(i, lambda r=r, job=job, i=i, prompt=prompt: engine.visual_result(
+                    out.pred_masks[r, 0], out.iou_scores[r, 0], i, prompt, job.params, job.size, job.budget))

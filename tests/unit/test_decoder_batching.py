@@ -139,6 +139,18 @@ def test_one_requests_failure_leaves_the_rest_of_its_batch_running(engine):
         assert worst_iou >= IOU_MIN and worst_score <= SCORE_TOL
 
 
+def test_a_request_whose_forward_fails_fails_alone(engine):
+    """A forward that raises is retried one request at a time: only the request it belongs to gets the error."""
+    jobs = _mixed_jobs(engine, 4)
+    jobs[2].embedding = jobs[2].embedding[:-3]  # not a square grid of tokens: its neck cannot run
+    results = decode_jobs(engine, jobs, 16, 16)
+    assert isinstance(results[2], RuntimeError), results[2]
+    for index in (0, 1, 3):
+        assert not isinstance(results[index], BaseException), results[index]
+        worst_iou, worst_score = _agree(results[index], _alone(engine, jobs[index]))
+        assert worst_iou >= IOU_MIN and worst_score <= SCORE_TOL
+
+
 def test_automatic_masks_in_a_batch_equal_their_own_decode(engine):
     image = _image(9, (96, 128))
     embedding = engine.encode([image])[0]
