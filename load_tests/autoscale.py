@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> dict:
             state_dir=state, autoscale=not args.no_autoscale, autoscale_max_replicas=args.max_replicas,
             autoscale_target_ongoing_requests=args.target, autoscale_upscale_delay_s=2.0,
             autoscale_downscale_delay_s=5.0, autoscale_look_back_period_s=args.look_back_s, encoder_batch_wait_timeout_s=0.005, web_ui=False,
+            admission_max_wait_s=args.admission_max_wait_s,
         )
         t_deploy = time.monotonic()
         serve.run(build_app(config), name="sam3", route_prefix="/")
@@ -202,6 +203,10 @@ def main() -> None:
                         help="box: encoder-bound, as on a real model; text: tiny-random's decoder is the bottleneck")
     parser.add_argument("--image-size", default="1080x1920", help="HEIGHTxWIDTH of the JPEGs")
     parser.add_argument("--no-autoscale", action="store_true", help="fixed replicas: the verdict must fail")
+    parser.add_argument("--admission-max-wait-s", type=float, default=5.0,
+                        help="SAM3_ADMISSION_MAX_WAIT_S. This run measures scaling, not shedding: at the default 0.5 s "
+                             "a slow or shared machine answers a few of the 16 users' requests 503 before the "
+                             "replicas are added (test_overload.py covers the shedding)")
     parser.add_argument("--json")
     args = parser.parse_args()
     result = run(args)
