@@ -22,7 +22,15 @@ import torch
 
 from serve_app.core.errors import BadRequest
 from serve_app.core.registry import LITE_ONLY
-from serve_app.core.types import AutoPrompt, ConceptPrompt, Prompt, PromptResult, SegmentParams, SegmentResult, VisualPrompt
+from serve_app.core.types import (
+    AutoPrompt,
+    ConceptPrompt,
+    Prompt,
+    PromptResult,
+    SegmentParams,
+    SegmentResult,
+    VisualPrompt,
+)
 from serve_app.image import postprocess as pp
 
 if TYPE_CHECKING:

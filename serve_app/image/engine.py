@@ -87,7 +87,7 @@ class ImageEngine:
         hidden = hidden.to(self.device, self.dtype)
         return hidden.reshape(len(embeddings), grid, grid, -1).permute(0, 3, 1, 2)
 
-    def detector_levels(self, embeddings: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    def detector_levels(self, embeddings: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], ...]:
         """The detector neck's FPN levels and position encodings, (B, ...) each: one pass for all the images."""
         fpn, pos = self.bundle.detector.vision_encoder.neck(self._spatial(embeddings))
         return tuple(fpn), tuple(pos)

@@ -6,15 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import requests
 
 from serve_app.core.config import Config
 from serve_app.image.codecs import rle_decode
 from tests.integration.conftest import deploy, png_b64, random_image, segment, undeploy
-
-IOU_MIN, SCORE_TOL = 0.99, 1e-3  # a batched decode's documented tolerances (docs/performance.md)
+from tests.reference import BATCHED_IOU, BATCHED_SCORE, mask_iou
 
 TEXTS = ["cat", "dog", "red car", "tree", "person", "boat", "bird", "cup", "chair", "kite", "bus", "clock", "fox"]
 
@@ -74,9 +72,7 @@ def _agreement(batched: dict, alone: dict) -> tuple[float, float, int]:
     for b, a in zip(batched["prompts"], alone["prompts"]):
         assert len(b["instances"]) == len(a["instances"]), "batching changed which instances survive NMS"
         for x, y in zip(b["instances"], a["instances"]):
-            mx, my = rle_decode(x["mask"]), rle_decode(y["mask"])
-            union = np.logical_or(mx, my).sum()
-            worst_iou = min(worst_iou, np.logical_and(mx, my).sum() / union if union else 1.0)
+            worst_iou = min(worst_iou, mask_iou(rle_decode(x["mask"]), rle_decode(y["mask"])))
             worst_score = max(worst_score, abs(x["score"] - y["score"]))
             count += 1
     return worst_iou, worst_score, count
@@ -108,4 +104,4 @@ def test_the_decoder_batches_concurrent_requests_within_the_stated_tolerances(ap
     print(f"decoder batches {batched}; worst mask IoU {worst_iou:.6f}, worst score difference {worst_score:.2e}, "
           f"{count} instances")
     assert count > 0, "results must not be empty"
-    assert worst_iou >= IOU_MIN and worst_score <= SCORE_TOL, (worst_iou, worst_score)
+    assert worst_iou >= BATCHED_IOU and worst_score <= BATCHED_SCORE, (worst_iou, worst_score)

@@ -12,11 +12,10 @@ from serve_app.core.config import Config
 from serve_app.image.engine import ImageEngine
 from serve_app.image.models import load_bundle
 from tests.integration.conftest import png_b64, random_image, segment
-from tests.reference import concept_reference, served_instances, visual_reference
+from tests.reference import BATCHED_IOU, BATCHED_SCORE, concept_reference, mask_iou, served_instances, visual_reference
 
 THRESHOLD = 0.1
 SCORE_TOL = 1e-4
-IOU_MIN, BATCHED_SCORE_TOL = 0.99, 1e-3  # a batched forward's documented tolerances (docs/performance.md)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +47,9 @@ def _assert_close(served: list, expected: list) -> None:
     """A batched forward: the same instances, scores within 1e-3, masks with IoU >= 0.99."""
     assert len(served) == len(expected), f"{len(served)} instances served, {len(expected)} expected"
     for (s_score, s_box, s_mask), (e_score, e_box, e_mask) in zip(served, expected):
-        assert abs(s_score - e_score) <= BATCHED_SCORE_TOL
+        assert abs(s_score - e_score) <= BATCHED_SCORE
         np.testing.assert_allclose(s_box, np.clip(e_box, 0, [e_mask.shape[1], e_mask.shape[0]] * 2), atol=0.5)
-        union = np.logical_or(s_mask, e_mask).sum()
-        assert (np.logical_and(s_mask, e_mask).sum() / union if union else 1.0) >= IOU_MIN
+        assert mask_iou(s_mask, e_mask) >= BATCHED_IOU
 
 
 def _concept_case(app_url, reference, seed, prompts, stacked: bool = False):

@@ -17,9 +17,9 @@ from serve_app.image.codecs import rle_decode
 from serve_app.image.decoding import DecodeJob, ForwardStats, decode_jobs
 from serve_app.image.engine import ImageEngine
 from serve_app.image.models import load_bundle
-from tests.reference import concept_reference, visual_reference
-
-IOU_MIN, SCORE_TOL = 0.99, 1e-3  # the documented tolerances of a batched decode (docs/performance.md)
+from tests.reference import BATCHED_IOU as IOU_MIN
+from tests.reference import BATCHED_SCORE as SCORE_TOL
+from tests.reference import concept_reference, mask_iou, visual_reference
 SIZES = [(96, 128), (120, 80), (64, 64)]
 
 
@@ -61,9 +61,7 @@ def _agree(batched, alone) -> tuple[float, float]:
     for b, a in zip(batched.prompts, alone.prompts):
         assert len(b.instances) == len(a.instances), "batching changed which instances survive NMS"
         for x, y in zip(b.instances, a.instances):
-            mx, my = rle_decode(x.rle), rle_decode(y.rle)
-            union = np.logical_or(mx, my).sum()
-            worst_iou = min(worst_iou, np.logical_and(mx, my).sum() / union if union else 1.0)
+            worst_iou = min(worst_iou, mask_iou(rle_decode(x.rle), rle_decode(y.rle)))
             worst_score = max(worst_score, abs(x.score - y.score))
             np.testing.assert_allclose(x.box, y.box, atol=1.0)
     return worst_iou, worst_score
