@@ -23,18 +23,11 @@ from serve_app.core.admission import check_deadline
 from serve_app.core.config import Config
 from serve_app.core.stats import BatchStats
 from serve_app.core.types import Prompt, SegmentParams, SegmentResult
-from serve_app.image.batching import Batcher
+from serve_app.image.batching import BatchedModel, Batcher, merged_stats
 from serve_app.image.decoding import DecodeJob, ForwardStats, decode_jobs
 from serve_app.image.engine import ImageEngine
 
 QUEUE_WAIT_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
-
-
-class _DecoderModel:
-    """One loaded model of this replica: its engine and its own batcher (a batch never mixes models)."""
-
-    def __init__(self, engine: ImageEngine, batcher: Batcher) -> None:
-        self.engine, self.batcher = engine, batcher
 
 
 @serve.deployment(name="Decoder")
@@ -62,7 +55,7 @@ class Decoder:
             on_request=lambda model, seconds: self._model_ms.observe(seconds * 1000, tags={"model": model}))
         await self.models.get()  # the default model: routable only once it is loaded
 
-    def _build(self, name: str, bundle) -> _DecoderModel:
+    def _build(self, name: str, bundle) -> BatchedModel:
         """What the multiplexer holds per model (it calls this for a model this replica does not hold)."""
         engine = ImageEngine(bundle, prompt_batch=self.pair_batch, visual_batch=self.visual_batch)
 
@@ -71,7 +64,7 @@ class Decoder:
 
         batcher = Batcher(run, self.max_batch, self.config.decoder_batch_wait_timeout_s, self._record,
                           concurrency=self.config.decoder_threads, name="decoder")
-        return _DecoderModel(engine, batcher)
+        return BatchedModel(engine, batcher)
 
     async def decode(
         self, embedding: torch.Tensor, prompts: list[Prompt], params: SegmentParams, size: tuple[int, int],
@@ -114,7 +107,7 @@ class Decoder:
         with self._running_lock:
             self.running += len(jobs)
         try:
-            return decode_jobs(engine, jobs, self.pair_batch, self.visual_batch, self.forwards)
+            return decode_jobs(engine, jobs, stats=self.forwards)
         finally:
             with self._running_lock:
                 self.running -= len(jobs)
@@ -126,12 +119,11 @@ class Decoder:
     def get_stats(self) -> dict:
         """Counts of every decode, the batches and forwards they made, and per model (loads nothing)."""
         held = self.models.held().values()
-        batchers = [model.batcher.stats() for model in held]
-        return {**self.counts, "running": self.running, "queued": sum(b["queued"] for b in batchers),
+        merged = merged_stats([model.batcher for model in held])
+        return {**self.counts, "running": self.running, "queued": merged["queued"],
                 "text_cache_entries": sum(model.engine.text_cache_entries for model in held),
                 **self.batches.snapshot(),
-                "mean_queue_wait_ms": max((b["mean_queue_wait_ms"] for b in batchers), default=0.0),
-                "mean_batch_run_ms": max((b["mean_batch_run_ms"] for b in batchers), default=0.0),
+                "mean_queue_wait_ms": merged["mean_queue_wait_ms"], "mean_batch_run_ms": merged["mean_batch_run_ms"],
                 "forwards": self.forwards.snapshot(),
                 "batching": {"max_batch_size": self.max_batch, "prompt_batch": self.pair_batch,
                              "visual_batch": self.visual_batch, "exact": self.config.decoder_exact},

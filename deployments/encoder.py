@@ -14,19 +14,12 @@ from deployments.handles import ReplicaModels, replica_logging
 from serve_app.core.admission import check_deadline
 from serve_app.core.config import Config
 from serve_app.core.stats import BatchStats
-from serve_app.image.batching import Batcher
+from serve_app.image.batching import BatchedModel, Batcher, merged_stats
 from serve_app.image.engine import ImageEngine
 from serve_app.image.imageio import ImageLoader
 from serve_app.image.service import EncoderInput
 
 QUEUE_WAIT_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
-
-
-class _EncoderModel:
-    """One loaded model of this replica: its engine and its own batcher (a batch never mixes models)."""
-
-    def __init__(self, engine: ImageEngine, batcher: Batcher) -> None:
-        self.engine, self.batcher = engine, batcher
 
 
 @serve.deployment(name="ImageEncoder")
@@ -50,14 +43,14 @@ class ImageEncoder:
         self.models = ReplicaModels(config, self._build)
         await self.models.get()  # the default model: routable only once it is loaded
 
-    def _build(self, name: str, bundle) -> _EncoderModel:
+    def _build(self, name: str, bundle) -> BatchedModel:
         """What the multiplexer holds per model (it calls this for a model this replica does not hold)."""
         engine = ImageEngine(bundle)
 
         def run(items: list[tuple[float, np.ndarray]]) -> list[torch.Tensor]:
             return self._encode_batch(engine, items)
 
-        return _EncoderModel(engine, Batcher(run, self.config.encoder_max_batch_size,
+        return BatchedModel(engine, Batcher(run, self.config.encoder_max_batch_size,
                                              self.config.encoder_batch_wait_timeout_s, self._record))
 
     async def encode(self, image: EncoderInput | np.ndarray, model: str | None = None) -> torch.Tensor:
@@ -90,10 +83,7 @@ class ImageEncoder:
 
     def get_stats(self) -> dict:
         """Batches of every model this replica holds (loads nothing), and the per-model counts."""
-        batchers = [held.batcher.stats() for held in self.models.held().values()]
-        merged = {key: sum(b[key] for b in batchers) for key in ("queued", "dropped_cancelled", "dropped_expired")}
-        for key in ("mean_queue_wait_ms", "mean_batch_run_ms"):
-            merged[key] = max((b[key] for b in batchers), default=0.0)
+        merged = merged_stats([held.batcher for held in self.models.held().values()])
         return {**self.stats.snapshot(), **merged, "models": self.models.stats.snapshot()}
 
     async def info(self, model: str | None = None) -> dict:

@@ -157,3 +157,20 @@ class Batcher:
         """Drop dead entries anywhere in the queue, so that they neither count towards a batch nor wait in it."""
         if any(e.future.done() or (e.deadline is not None and time.time() >= e.deadline) for e in self._queue):
             self._queue = deque(e for e in self._queue if self._live(e))
+
+
+@dataclass
+class BatchedModel:
+    """One model a replica holds: its engine and its own batcher (a batch never mixes models)."""
+
+    engine: Any
+    batcher: Batcher
+
+
+def merged_stats(batchers: list[Batcher]) -> dict:
+    """`stats()` of the batchers of every model a replica holds: counts summed, mean waits and runs the largest."""
+    each = [b.stats() for b in batchers]
+    merged = {key: sum(s[key] for s in each) for key in ("queued", "dropped_cancelled", "dropped_expired")}
+    for key in ("mean_queue_wait_ms", "mean_batch_run_ms"):
+        merged[key] = max((s[key] for s in each), default=0.0)
+    return merged

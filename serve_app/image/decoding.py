@@ -64,7 +64,7 @@ class DecodeJob:
 
     def live(self) -> bool:
         """False once it failed; checks its deadline and stop flag (a failure is recorded, not raised)."""
-        return self.guard(self.budget.check_deadline) and self.error is None
+        return self.guard(self.budget.check_deadline)
 
     def guard(self, work: Callable[[], object]) -> bool:
         """Runs `work` for this job; its exception becomes the job's error (the batch goes on). True if it ran."""
@@ -117,11 +117,14 @@ class ForwardStats:
 
 
 def decode_jobs(
-    engine: ImageEngine, jobs: list[DecodeJob], pair_batch: int = 1, visual_batch: int = 1,
+    engine: ImageEngine, jobs: list[DecodeJob], pair_batch: int | None = None, visual_batch: int | None = None,
     stats: ForwardStats | None = None,
 ) -> list[SegmentResult | BaseException]:
-    """Each job's result, or the exception it ended with, in order."""
+    """Each job's result, or the exception it ended with, in order. Pairs per DETR forward and visual prompts per
+    mask-decoder forward: the engine's `prompt_batch` and `visual_batch` unless given."""
     stats = stats or ForwardStats()
+    pair_batch = engine.prompt_batch if pair_batch is None else pair_batch
+    visual_batch = engine.visual_batch if visual_batch is None else visual_batch
     for job in jobs:
         job.begin(engine.max_result_bytes)
     with torch.inference_mode():

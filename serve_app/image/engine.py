@@ -137,8 +137,7 @@ class ImageEngine:
         stop (a threading.Event): once set, the work stops at the next chunk (postprocess.Stopped).
         Concept prompts go through DETR `prompt_batch` at a time, visual prompts `visual_batch` at a time.
         """
-        result = decode_jobs(self, [DecodeJob(embedding, prompts, params, size, deadline, stop)], self.prompt_batch,
-                             self.visual_batch)[0]
+        result = decode_jobs(self, [DecodeJob(embedding, prompts, params, size, deadline, stop)])[0]
         if isinstance(result, BaseException):
             raise result
         return result
