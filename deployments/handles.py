@@ -21,7 +21,6 @@ from serve_app.core.registry import Registry
 from serve_app.core.state import KV, open_kv
 from serve_app.core.stats import ModelStats
 from serve_app.core.types import Prompt, SegmentParams, SegmentResult
-from serve_app.image.models import load_bundle
 from serve_app.image.service import EmbeddingLost
 
 logger = logging.getLogger(__name__)
@@ -79,6 +78,8 @@ class ReplicaModels:
         self._events.inc(tags={"model": model, "event": kind})
 
     async def _load(self, name: str):
+        from serve_app.image.models import load_bundle  # only model replicas load one: the rest never import torch
+
         spec = self.registry.resolve(name)
         started = time.perf_counter()
         bundle = await asyncio.to_thread(load_bundle, self.registry.config_for(self.config, spec.name))

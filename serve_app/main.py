@@ -49,7 +49,7 @@ def serve(config: Config) -> int:
     `sam3-serve` (serve_app/cli.py) calls it with the configuration its flags, file and environment give."""
     configure_driver_logging(config.log_format, config.log_level)  # SAM3_LOG_FORMAT, SAM3_LOG_LEVEL
     try:
-        from serve_app.image.models import probe_model  # before Ray starts: a bad SAM3_MODEL is one clear line
+        from serve_app.image.sources import probe_model  # before Ray starts: a bad SAM3_MODEL is one clear line
 
         probe_model(config.model)
     except (ValueError, ModelLoadError) as exc:

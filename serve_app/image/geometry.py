@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from serve_app.core.errors import InvalidPrompt
+
+if TYPE_CHECKING:
+    import torch
 
 ArrayLike = np.ndarray | Sequence
 
@@ -192,6 +195,7 @@ def nms(boxes: ArrayLike, scores: ArrayLike, iou_threshold: float) -> np.ndarray
 
 
 def _box_iou_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import torch  # here, not at the top: the CPU-side replicas validate prompts with this module and load no model
     area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
     area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])
@@ -204,6 +208,7 @@ def _box_iou_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def nms_torch(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """nms() for tensors on any device, without torchvision; returns a LongTensor on boxes.device."""
+    import torch
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     work = torch.float64 if boxes.dtype == torch.float64 else torch.float32

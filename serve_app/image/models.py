@@ -15,14 +15,13 @@ import torch
 from serve_app.core.config import Config
 from serve_app.core.errors import ModelLoadError
 from serve_app.image.roi_align import install_roi_align_fallback
+from serve_app.image.sources import (  # noqa: F401 - probe_model re-exported
+    FULL_RANDOM, TINY_LITE, TINY_SEED, _load_error, _resolve_source, built_in_code, checkpoint_arch, probe_model,
+    tiny_seed,
+)
 
 logger = logging.getLogger(__name__)
 
-TINY_RANDOM = "tiny-random"
-TINY_LITE = "tiny-random-lite"  # a tiny sam3_lite_text model: concept prompts only
-TINY_SEED_RE = re.compile(r"^tiny-random:(\d{1,9})$")
-FULL_RANDOM = "full-random"  # facebook/sam3's architecture with random weights: benchmarks without a download
-TINY_SEED = 0
 TINY_INIT_RANGE = 0.15  # at the default 0.02, tiny mask logits are ~1e-3 and every pixel sits on the threshold
 TINY_PRESENCE_BIAS = 3.0
 TEXT_LENGTH = 32  # SAM3's processor pads every prompt to 32 tokens
@@ -128,14 +127,6 @@ def build_tiny_lite():
     with torch.no_grad():
         model.detr_decoder.presence_head.layer3.bias.fill_(TINY_PRESENCE_BIAS)
     return model.eval()
-
-
-def tiny_seed(name: str) -> int | None:
-    """The seed of `tiny-random` (0) or `tiny-random:<seed>`; None for any other source."""
-    if name == TINY_RANDOM:
-        return TINY_SEED
-    match = TINY_SEED_RE.match(name)
-    return int(match.group(1)) if match else None
 
 
 class HashTokenizer:
@@ -249,55 +240,6 @@ def assemble_image_tracker(video: torch.nn.Module) -> torch.nn.Module:
     return tracker.eval()
 
 
-_HOW_TO_FIX = (
-    "Set SAM3_MODEL to a directory written by save_pretrained, a hub id like facebook/sam3 (gated: accept its "
-    "licence and set HF_TOKEN), or tiny-random."
-)
-
-
-def _resolve_source(name: str) -> str:
-    """A local directory (checked) or a hub id; raises ModelLoadError for paths that do not exist."""
-    local = Path(name).expanduser()
-    if local.exists():
-        if not local.is_dir() or not (local / "config.json").is_file():
-            raise ModelLoadError(f"SAM3_MODEL={name!r} is not a model directory (no config.json). {_HOW_TO_FIX}")
-        return str(local)
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        raise ModelLoadError(f"SAM3_MODEL={name!r}: directory does not exist. {_HOW_TO_FIX}")
-    return name
-
-
-def _load_error(name: str, exc: Exception) -> ModelLoadError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return ModelLoadError(f"could not load SAM3 model {name!r}: {type(exc).__name__}: {first}. {_HOW_TO_FIX}")
-
-
-SERVED_ARCHS = ("sam3_video", "sam3_lite_text")
-
-
-def checkpoint_arch(name: str) -> str:
-    """Cheap check (config only): the model exists, is reachable and is a sam3_video or sam3_lite_text checkpoint;
-    returns which."""
-    if built_in_code(name):
-        return "sam3_lite_text" if name == TINY_LITE else "sam3_video"
-    from transformers import AutoConfig
-
-    source = _resolve_source(name)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one start-up message
-        raise _load_error(name, exc) from exc
-    if config.model_type not in SERVED_ARCHS:
-        raise ModelLoadError(f"SAM3_MODEL={name!r} is a {config.model_type} checkpoint; a sam3_video (or "
-                             "sam3_lite_text) one is needed")
-    return config.model_type
-
-
-def probe_model(name: str) -> None:
-    """Start-up check of one source (see checkpoint_arch)."""
-    checkpoint_arch(name)
-
-
 def assemble_video_tracker(video: torch.nn.Module) -> torch.nn.Module:
     """A `Sam3TrackerVideoModel` (click/box tracking) on the detector's backbone and the video model's tracker."""
     from transformers import Sam3TrackerVideoModel
@@ -370,11 +312,6 @@ def _load_tokenizer(name: str, vocab_size: int):
         return HFTokenizer(AutoTokenizer.from_pretrained(str(local) if local.exists() else name))
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"could not load the tokenizer of SAM3 model {name!r}: {exc}") from exc
-
-
-def built_in_code(name: str) -> bool:
-    """Models built from a config in code (no files): slow to build, cheap to copy to another process."""
-    return name in (TINY_RANDOM, FULL_RANDOM, TINY_LITE) or bool(TINY_SEED_RE.match(name))
 
 
 def load_video_model(config: Config) -> torch.nn.Module:

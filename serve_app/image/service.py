@@ -20,7 +20,7 @@ from serve_app.core.slots import Slot
 from serve_app.core.types import ImageInput, Prompt, ResolvedImage, SegmentParams, SegmentRequest, SegmentResult
 from serve_app.image.caches import Caches, LocalCaches
 from serve_app.image.imageio import ImageLoader, image_digest
-from serve_app.image.models import checkpoint_arch
+from serve_app.image.sources import checkpoint_arch
 from serve_app.image.prompts import check_text, validate_prompts
 
 

@@ -31,7 +31,7 @@ from serve_app.core.errors import (
 from serve_app.core.http import native_error_body, validation_error_message
 from serve_app.image.prompts import check_text
 from serve_app.image.service import SegmentService, get_service
-from serve_app.video.stream import StreamObject, StreamPrompt, check_prompt
+from serve_app.video.stream_prompt import StreamObject, StreamPrompt, check_prompt
 from serve_app.video.stream_backend import StreamBackend, get_stream_backend
 
 logger = logging.getLogger(__name__)

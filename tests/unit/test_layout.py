@@ -145,3 +145,20 @@ def test_test_modules_have_unique_basenames():
     second module of the same name stops the whole run at collection ("import file mismatch")."""
     names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+CPU_SIDE = ("deployments.ingress", "deployments.cache", "deployments.jobs", "deployments.ui")
+
+
+def test_the_cpu_side_deployments_never_import_torch():
+    """The ingress, cache, job store and runner and web UI load no model: importing torch would cost each of their
+    processes 1.5 s of CPU at start and ~150 MB of RSS. Run in a fresh interpreter, as a replica imports its class."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys\n"
+            f"for name in {CPU_SIDE!r}: importlib.import_module(name)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
