@@ -5,8 +5,8 @@
   a clicked frame in the middle, a refinement click where the last pass ended and a pass resumed where it stopped,
   for clicks and for text prompts; a refinement 7 frames before the end reads outputs already dropped: close, not
   equal.
-- Growth: 2,000 frames tracked in a fresh process (this file run as a script), with 2 clicked objects and with a
-  text prompt at the object cap; the process's RSS at frame 2,000 is within 5 % of frame 200's.
+- Growth: 1,000 frames tracked in a fresh process (this file run as a script), with 2 clicked objects and with a
+  text prompt at the object cap; the process's RSS at frame 1,000 is within 3 % of frame 200's.
 - Long, large video (make test-maxima): 3,000 frames of 1920x1080 open from an mp4 and propagate within the stated
   per-session budget; the frames are read back from the container, never held decoded.
 """
@@ -146,7 +146,7 @@ def test_text_prompts_report_the_detections_dropped_at_the_object_cap(engine, fr
     assert all(r.dropped_objects == 0 for r in uncapped.propagate("forward"))
 
 
-# ------------------------------------------------------------------------------------ growth over 2,000 frames
+# ------------------------------------------------------------------------------------ growth over 1,000 frames
 
 
 def workload_growth(args: dict) -> dict:
@@ -196,28 +196,36 @@ def _report(proc: subprocess.Popen, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+GROWTH_FRAMES = 1000
+GROWTH_LIMIT = 0.03  # RSS at the last frame against frame 200's
+
+
 @pytest.fixture(scope="module")
 def growth() -> dict:
-    """Both 2,000-frame runs at once: each child uses one core (a few minutes in all on 2 cores)."""
+    """Both 1,000-frame runs at once: each child uses one core.
+
+    Before sessions dropped the outputs no later step reads, the clicked run grew 511.0 -> 537.8 MiB from frame 200
+    to 1,000 (+5.2 %, docs/memory.md); bounded, both runs stay under +1 % to frame 2,000. GROWTH_LIMIT sits between."""
     procs = {
-        "click": _start("growth", mode="click", frames=2000, height=48, width=64, max_objects=2),
-        "text": _start("growth", mode="text", frames=2000, height=48, width=64, max_objects=2),
+        "click": _start("growth", mode="click", frames=GROWTH_FRAMES, height=48, width=64, max_objects=2),
+        "text": _start("growth", mode="text", frames=GROWTH_FRAMES, height=48, width=64, max_objects=2),
     }
     return {mode: _report(proc, timeout=1500) for mode, proc in procs.items()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["click", "text"])
-def test_a_2000_frame_propagation_holds_its_memory_flat(growth, mode):
+def test_a_1000_frame_propagation_holds_its_memory_flat(growth, mode):
     report = growth[mode]
     print(f"{mode}: {report}")
     rss = {int(k): v for k, v in report["rss_mib"].items()}
-    assert report["frames"] == 2000 and report["most_objects"] == 2
+    assert report["frames"] == GROWTH_FRAMES and report["most_objects"] == 2
     if mode == "text":
         assert report["dropped"] > 0  # the cap held: more was detected than tracked
-    growth_fraction = (rss[2000] - rss[200]) / rss[200]
-    print(f"{mode}: RSS {rss[200]} MiB at frame 200, {rss[2000]} MiB at 2000 ({growth_fraction:+.1%})")
-    assert growth_fraction < 0.05
+    last = rss[GROWTH_FRAMES]
+    growth_fraction = (last - rss[200]) / rss[200]
+    print(f"{mode}: RSS {rss[200]} MiB at frame 200, {last} MiB at {GROWTH_FRAMES} ({growth_fraction:+.1%})")
+    assert growth_fraction < GROWTH_LIMIT
 
 
 # -------------------------------------------------------------------------- 3,000 frames of 1080p (maxima)
