@@ -54,6 +54,17 @@ def session(video_url, clip):
     requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
 
 
+@pytest.fixture(scope="class")
+def refused_session(video_url, clip):
+    """One session for a class of refused prompts: a refusal changes nothing, and each open starts a tracker actor.
+    Closed when the class is done, so it never counts against the session cap in the tests after it."""
+    response = start(video_url, clip)
+    assert response.status_code == 201, response.text
+    sid = response.json()["session_id"]
+    yield sid
+    requests.delete(f"{video_url}/v1/video/sessions/{sid}", headers=AUTH, timeout=60)
+
+
 def prompt(url: str, sid: str, body: dict, headers: dict = AUTH) -> requests.Response:
     return requests.post(f"{url}/v1/video/sessions/{sid}/prompts", json=body, headers=headers, timeout=120)
 
@@ -277,21 +288,23 @@ def test_image_frames_over_the_decoded_budget_are_served_from_their_encoded_byte
     assert requests.get(f"{video_url}/v1/stats", headers=AUTH, timeout=30).json()["video"]["open_sessions"] == 0
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "words"),
-    [
-        pytest.param({"frame_index": 99, "text": "square"}, 400, ["frame index 99", "12 frames"], id="frame-range"),
-        pytest.param({"frame_index": 0, "points": [[500, 5]], "object_id": 1}, 400, ["outside"], id="point-outside"),
-        pytest.param({"points": [[5, 5]]}, 400, ["object_id"], id="clicks-without-object-id"),
-        pytest.param({"text": "a", "points": [[5, 5]], "object_id": 1}, 400, ["either text"], id="text-and-points"),
-        pytest.param({"frame_index": -1, "text": "x"}, 422, ["frame_index"], id="negative-frame"),
-        pytest.param({"text": 5}, 422, ["text"], id="text-wrong-type"),
-    ],
-)
-def test_bad_prompts(video_url, session, body, status, words):
-    response = prompt(video_url, session, body)
-    assert response.status_code == status, response.text
-    assert all(w in response.json()["error"]["message"] for w in words), response.text
+class TestRefusedPrompts:
+    @pytest.mark.parametrize(
+        ("body", "status", "words"),
+        [
+            pytest.param({"frame_index": 99, "text": "square"}, 400, ["frame index 99", "12 frames"], id="frame-range"),
+            pytest.param({"frame_index": 0, "points": [[500, 5]], "object_id": 1}, 400, ["outside"],
+                         id="point-outside"),
+            pytest.param({"points": [[5, 5]]}, 400, ["object_id"], id="clicks-without-object-id"),
+            pytest.param({"text": "a", "points": [[5, 5]], "object_id": 1}, 400, ["either text"], id="text-and-points"),
+            pytest.param({"frame_index": -1, "text": "x"}, 422, ["frame_index"], id="negative-frame"),
+            pytest.param({"text": 5}, 422, ["text"], id="text-wrong-type"),
+        ],
+    )
+    def test_bad_prompts(self, video_url, refused_session, body, status, words):
+        response = prompt(video_url, refused_session, body)
+        assert response.status_code == status, response.text
+        assert all(w in response.json()["error"]["message"] for w in words), response.text
 
 
 def test_unknown_session_and_missing_key(video_url, clip):
