@@ -83,6 +83,7 @@ SCRIPTS = {
         ("text", "square"), ("prop", "forward", 0, 20), ("prop", "forward", 19, None),
         ("prop", "backward", TEXT_FRAMES - 1, 10)],
     "text: both ways from the middle": [("text", "square"), ("prop", "both", 20, None)],
+    "text: prompted and propagated again, three times": [("text", "square"), ("prop", "forward", 0, 12)] * 3,
 }
 
 
@@ -95,6 +96,33 @@ def test_pruned_sessions_give_the_results_of_sessions_that_keep_everything(engin
     assert pruned_held <= kept_held
     if not name.startswith("text"):  # text objects come and go: their outputs may all fit one window anyway
         assert pruned_held < kept_held, (pruned_held, kept_held)  # something was dropped: two different things ran
+
+
+def _bookkeeping(session: VideoSession) -> dict[str, int]:
+    hf = session._hf
+    return {"scores": len(hf.obj_id_to_score), "first_frames": len(hf.obj_first_frame_idx),
+            "unmatched": len(hf.unmatched_frame_inds), "keep_alive": len(hf.trk_keep_alive),
+            "removed": len(hf.removed_obj_ids) + len(hf.hotstart_removed_obj_ids),
+            "overlaps": len(hf.overlap_pair_to_frame_inds),
+            "frame_scores": sum(len(v) for v in hf.obj_id_to_tracker_score_frame_wise.values())}
+
+
+def test_a_text_session_prompted_again_and_again_keeps_only_its_tracked_objects_bookkeeping(engine, frames):
+    """The soak's video loop (a text prompt, then the clip, over and over): transformers keeps per-object
+    bookkeeping for every id ever detected; the session drops that of the ids the tracker no longer holds."""
+    sizes = {}
+    for prune in (False, True):
+        session = VideoSession(engine, frames[:12], 10.0, max_objects=4, prune=prune)
+        rounds = []
+        for _ in range(5):
+            session.add_text("square")
+            list(session.propagate("forward", 0, None))
+            rounds.append(_bookkeeping(session))
+        assert all(k in set(session._hf.obj_ids) for k in session._hf.obj_id_to_score) or not prune
+        sizes[prune] = rounds
+    print(sizes)
+    assert sizes[False][-1]["scores"] > sizes[False][1]["scores"], sizes  # transformers' own state grows a round
+    assert sizes[True][-1] == sizes[True][1], sizes  # bounded: the same after round 5 as after round 2
 
 
 def test_a_refinement_near_the_end_of_a_pass_differs_only_slightly(engine, frames):
