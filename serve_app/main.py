@@ -49,7 +49,10 @@ def serve(config: Config) -> int:
     `sam3-serve` (serve_app/cli.py) calls it with the configuration its flags, file and environment give."""
     configure_driver_logging(config.log_format, config.log_level)  # SAM3_LOG_FORMAT, SAM3_LOG_LEVEL
     try:
-        from serve_app.image.sources import probe_model  # before Ray starts: a bad SAM3_MODEL is one clear line
+        # before Ray starts: a bad SAM3_MODEL is one clear line. From models, not sources: the driver imports torch
+        # before ray.init. Without it SIGTERM reached Ray's C++ handler, which aborted the driver (exit -6, requests
+        # in flight cut): test_service_restart; the cause inside Ray is not pinned down.
+        from serve_app.image.models import probe_model
 
         probe_model(config.model)
     except (ValueError, ModelLoadError) as exc:
