@@ -152,7 +152,7 @@ CPU_SIDE = ("deployments.ingress", "deployments.cache", "deployments.jobs", "dep
 
 def test_the_cpu_side_deployments_never_import_torch():
     """The ingress, cache, job store and runner and web UI load no model: importing torch would cost each of their
-    processes 1.5 s of CPU at start and ~150 MB of RSS. Run in a fresh interpreter, as a replica imports its class."""
+    processes 1.5 s of CPU at start and ~184 MB of RSS. Run in a fresh interpreter, as a replica imports its class."""
     import subprocess
     import sys
 
