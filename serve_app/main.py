@@ -50,8 +50,8 @@ def serve(config: Config) -> int:
     configure_driver_logging(config.log_format, config.log_level)  # SAM3_LOG_FORMAT, SAM3_LOG_LEVEL
     try:
         # before Ray starts: a bad SAM3_MODEL is one clear line. From models, not sources: the driver imports torch
-        # before ray.init. Without it SIGTERM reached Ray's C++ handler, which aborted the driver (exit -6, requests
-        # in flight cut): test_service_restart; the cause inside Ray is not pinned down.
+        # before ray.init. Without it test_service_restart twice saw SIGTERM reach Ray's C++ handler, which aborted
+        # the driver (exit -6, requests in flight cut), on a loaded machine; the cause is not pinned down.
         from serve_app.image.models import probe_model
 
         probe_model(config.model)
