@@ -16,7 +16,7 @@ from serve_app.core.config import Config
 from serve_app.core.errors import ModelLoadError
 from serve_app.image.roi_align import install_roi_align_fallback
 from serve_app.image.sources import (  # noqa: F401 - probe_model re-exported
-    FULL_RANDOM, TINY_LITE, TINY_SEED, _load_error, _resolve_source, built_in_code, checkpoint_arch, probe_model,
+    FULL_RANDOM, TINY_LITE, TINY_SEED, built_in_code, checkpoint_arch, load_error, probe_model, resolve_source,
     tiny_seed,
 )
 
@@ -278,11 +278,11 @@ def _load_video_model(name: str, dtype: torch.dtype):
         if arch == "sam3_lite_text":
             from transformers import Sam3LiteTextModel
 
-            model = Sam3LiteTextModel.from_pretrained(_resolve_source(name), dtype=dtype)
+            model = Sam3LiteTextModel.from_pretrained(resolve_source(name), dtype=dtype)
         else:
-            model = Sam3VideoModel.from_pretrained(_resolve_source(name), dtype=dtype)
+            model = Sam3VideoModel.from_pretrained(resolve_source(name), dtype=dtype)
     except Exception as exc:  # noqa: BLE001
-        raise _load_error(name, exc) from exc
+        raise load_error(name, exc) from exc
     return _own_storage(model)
 
 

@@ -38,7 +38,7 @@ _HOW_TO_FIX = (
 )
 
 
-def _resolve_source(name: str) -> str:
+def resolve_source(name: str) -> str:
     """A local directory (checked) or a hub id; raises ModelLoadError for paths that do not exist."""
     local = Path(name).expanduser()
     if local.exists():
@@ -50,7 +50,7 @@ def _resolve_source(name: str) -> str:
     return name
 
 
-def _load_error(name: str, exc: Exception) -> ModelLoadError:
+def load_error(name: str, exc: Exception) -> ModelLoadError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return ModelLoadError(f"could not load SAM3 model {name!r}: {type(exc).__name__}: {first}. {_HOW_TO_FIX}")
 
@@ -65,11 +65,11 @@ def checkpoint_arch(name: str) -> str:
         return "sam3_lite_text" if name == TINY_LITE else "sam3_video"
     from transformers import AutoConfig
 
-    source = _resolve_source(name)
+    source = resolve_source(name)
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one start-up message
-        raise _load_error(name, exc) from exc
+        raise load_error(name, exc) from exc
     if config.model_type not in SERVED_ARCHS:
         raise ModelLoadError(f"SAM3_MODEL={name!r} is a {config.model_type} checkpoint; a sam3_video (or "
                              "sam3_lite_text) one is needed")
