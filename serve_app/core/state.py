@@ -111,6 +111,12 @@ class SqliteKV:
             )
             db.execute("CREATE INDEX IF NOT EXISTS kv_order ON kv (ns, tbl, seq)")
             db.execute("CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires) WHERE expires IS NOT NULL")
+            # `usage` reads only this index: a row's own columns after its value (expires) lie behind the value's
+            # overflow pages, so counting over the table read every stored byte (0.15 ms per 300 KB entry, each put)
+            if "size" not in {row[1] for row in db.execute("PRAGMA table_info(kv)")}:
+                db.execute("ALTER TABLE kv ADD COLUMN size INTEGER")  # a store written before the column
+            db.execute("UPDATE kv SET size = LENGTH(value) WHERE size IS NULL")
+            db.execute("CREATE INDEX IF NOT EXISTS kv_usage ON kv (ns, tbl, expires, size)")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -124,9 +130,9 @@ class SqliteKV:
     def put(self, table: str, key: str, value: bytes, ttl_s: float | None = None) -> None:
         expires = None if ttl_s is None else self.clock() + ttl_s
         self._db().execute(
-            "INSERT OR REPLACE INTO kv (ns, tbl, key, value, expires, seq) VALUES (?, ?, ?, ?, ?, "
-            "(SELECT COALESCE(MAX(seq), 0) + 1 FROM kv WHERE ns = ? AND tbl = ?))",
-            (self.ns, table, key, sqlite3.Binary(value), expires, self.ns, table),
+            "INSERT OR REPLACE INTO kv (ns, tbl, key, value, expires, seq, size) VALUES (?, ?, ?, ?, ?, "
+            "(SELECT COALESCE(MAX(seq), 0) + 1 FROM kv WHERE ns = ? AND tbl = ?), ?)",
+            (self.ns, table, key, sqlite3.Binary(value), expires, self.ns, table, len(value)),
         )
 
     def get(self, table: str, key: str) -> bytes | None:
@@ -151,7 +157,7 @@ class SqliteKV:
 
     def usage(self, table: str) -> tuple[int, int]:
         count, size = self._db().execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM kv WHERE ns = ? AND tbl = ? "
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM kv INDEXED BY kv_usage WHERE ns = ? AND tbl = ? "
             "AND (expires IS NULL OR expires > ?)", (self.ns, table, self.clock()),
         ).fetchone()
         return int(count), int(size)
