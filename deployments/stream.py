@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 from collections import deque
+from typing import TYPE_CHECKING
 
 import ray
 from ray import serve
@@ -21,10 +22,12 @@ from serve_app.core.config import Config
 from serve_app.core.errors import Sam3Error
 from serve_app.core.registry import Registry
 from serve_app.core.stats import rss_bytes
-from serve_app.image.engine import ImageEngine
-from serve_app.image.models import built_in_code, load_bundle, load_video_model
+from serve_app.image.sources import built_in_code
 from serve_app.video.registry import SessionRegistry
-from serve_app.video.stream import StreamPrompt, VideoStream
+from serve_app.video.stream_prompt import StreamPrompt
+
+if TYPE_CHECKING:
+    from serve_app.video.stream import VideoStream
 
 logger = logging.getLogger(__name__)
 SWEEP_EVERY_S = 5.0
@@ -38,6 +41,10 @@ class StreamActor:
     worker thread, so that viewers, info and close are answered while a frame is being tracked."""
 
     def __init__(self, config: Config, video_model=None) -> None:
+        # the model's imports are here, not at the top: the VideoStreams registry shares this module and loads none
+        from serve_app.image.engine import ImageEngine
+        from serve_app.image.models import load_bundle
+
         self.config = config
         self.engine = ImageEngine(load_bundle(config, video_model))
         self.stream: VideoStream | None = None
@@ -48,6 +55,8 @@ class StreamActor:
         self._closed = False
 
     async def start(self, prompt: StreamPrompt) -> dict:
+        from serve_app.video.stream import VideoStream
+
         self.stream = VideoStream(self.engine, self.config, prompt)
         return self.stream.info()
 
@@ -98,7 +107,12 @@ class VideoStreams:
         self.config = config
         self.registry: SessionRegistry[ray.actor.ActorHandle] = SessionRegistry(config.video_max_streams, math.inf)
         self.app = serve.get_replica_context().app_name or "default"
-        self._model_ref = ray.put(load_video_model(config)) if built_in_code(config.model) else None
+        # A model built in code (tiny-random, full-random) is built once, at the first stream, and shared through the
+        # object store; weights from a directory are loaded by each stream's actor. Until a stream opens this
+        # replica imports no torch (~190 MB of RSS and seconds of CPU at every start, for a server that may never
+        # see a stream).
+        self._model_ref = None
+        self._model_lock = asyncio.Lock()
         self._owners: dict[str, str] = {}  # open stream id -> owner, for the sweep
         self._open = metrics.Gauge("sam3_video_streams_open", description="Live video streams open (this replica's "
                                    "registry; SAM3_VIDEO_MAX_STREAMS caps them).")
@@ -114,10 +128,15 @@ class VideoStreams:
         except Sam3Error as exc:  # the message names the sessions' knob: say the streams' one
             raise type(exc)(f"{self.config.video_max_streams} live video streams are open, the most this server "
                             "allows (SAM3_VIDEO_MAX_STREAMS); close one or retry later") from None
+        try:
+            model_ref = await self._shared_model()
+        except BaseException:
+            self.registry.release()
+            raise
         actor = StreamActor.options(
             num_gpus=self.config.video_num_gpus, num_cpus=self.config.num_cpus, name=self.actor_name(stream_id),
             namespace=ACTOR_NAMESPACE,
-        ).remote(self.config, self._model_ref)
+        ).remote(self.config, model_ref)
         try:
             info = await actor.start.remote(prompt)
         except Exception as exc:  # noqa: BLE001 - a bad prompt must free its place and its actor
@@ -129,6 +148,19 @@ class VideoStreams:
         self._open.set(len(self.registry))
         logger.info("video stream %s opened (%s)", stream_id, info["mode"])
         return {"stream_id": stream_id, "actor": actor, "actor_name": self.actor_name(stream_id), **info}
+
+    async def _shared_model(self):
+        """The object-store copy of a model built in code, built in a worker thread at the first stream (the event
+        loop keeps answering attach, close and stats meanwhile); None for weights each actor loads itself."""
+        if not built_in_code(self.config.model):
+            return None
+        async with self._model_lock:
+            if self._model_ref is None:
+                from serve_app.image.models import load_video_model
+
+                model = await asyncio.to_thread(load_video_model, self.config)
+                self._model_ref = ray.put(model)
+            return self._model_ref
 
     async def attach(self, stream_id: str, owner: str) -> ray.actor.ActorHandle:
         return self.registry.get(stream_id, owner).handle

@@ -147,12 +147,14 @@ def test_test_modules_have_unique_basenames():
     assert sorted({n for n in names if names.count(n) > 1}) == []
 
 
-CPU_SIDE = ("deployments.ingress", "deployments.cache", "deployments.jobs", "deployments.ui")
+CPU_SIDE = ("deployments.ingress", "deployments.cache", "deployments.jobs", "deployments.ui",
+            "deployments.stream")  # the VideoStreams registry; its StreamActor imports the model in its __init__
 
 
 def test_the_cpu_side_deployments_never_import_torch():
-    """The ingress, cache, job store and runner and web UI load no model: importing torch would cost each of their
-    processes 1.5 s of CPU at start and ~184 MB of RSS. Run in a fresh interpreter, as a replica imports its class."""
+    """The ingress, cache, job store and runner, web UI and streams registry load no model: importing torch would
+    cost each of their processes 1.5 s of CPU at start and ~184 MB of RSS. Run in a fresh interpreter, as a replica
+    imports its class."""
     import subprocess
     import sys
 
