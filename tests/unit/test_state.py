@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from serve_app.core.config import Config
-from serve_app.core.state import MemoryKV, RedisKV, SqliteKV, open_kv, state_location
+from serve_app.core.state import USAGE_SQL, MemoryKV, RedisKV, SqliteKV, open_kv, state_location
 
 
 class Clock:
@@ -90,9 +90,7 @@ def test_sqlite_usage_reads_the_index_not_the_stored_bytes(tmp_path):
     kv.put("media", "a", b"x" * 300_000, ttl_s=60)
     kv.put("media", "b", b"y" * 1000)
     db = kv._db()
-    plan = " ".join(row[-1] for row in db.execute(
-        "EXPLAIN QUERY PLAN SELECT COUNT(*), COALESCE(SUM(size), 0) FROM kv INDEXED BY kv_usage "
-        "WHERE ns = ? AND tbl = ? AND (expires IS NULL OR expires > ?)", ("app", "media", 0.0)))
+    plan = " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {USAGE_SQL}", ("app", "media", 0.0)))
     assert "COVERING INDEX kv_usage" in plan, plan
     assert kv.usage("media") == (2, 301_000)
     kv.put("media", "a", b"z" * 10)  # a rewrite counts its new size
